@@ -1,0 +1,79 @@
+"""`kneescreen inspect`: one JSON line per file, describing how the reader sees it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+from kneescreen import storage
+from kneescreen.errors import DecodeError
+from kneescreen.reader import ReaderConfig, read_radiograph
+
+FIELDS = (
+    "path", "status", "error_code", "message", "size", "rows", "cols", "photometric",
+    "transfer_syntax", "modality", "body_part", "view_position", "laterality", "format",
+    "pixel_hash", "warnings", "elapsed_ms",
+)
+
+
+def inspect_bytes(path: str, data: bytes, config: ReaderConfig = ReaderConfig()) -> dict:
+    """Describe one file's decode outcome as a flat dict (no patient identifiers)."""
+    t0 = time.perf_counter()
+    row = dict.fromkeys(FIELDS)
+    row.update(path=path, size=len(data))
+    try:
+        rg = read_radiograph(data, config)
+    except DecodeError as exc:
+        row.update(status="error", error_code=exc.error_code, message=exc.message)
+    else:
+        m = rg.meta
+        row.update(
+            status="ok", rows=m.rows, cols=m.cols, photometric=m.photometric,
+            transfer_syntax=m.transfer_syntax, modality=m.modality, body_part=m.body_part,
+            view_position=m.view_position, laterality=m.laterality, format=m.format,
+            pixel_hash=rg.pixel_hash, warnings=rg.warnings or None,
+        )
+    row["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+    return row
+
+
+def _expand(targets: Iterable[str], endpoint: str | None) -> Iterator[tuple[str, str]]:
+    """(display path, uri) for each file, expanding folders and s3 prefixes."""
+    import pathlib
+
+    for target in targets:
+        if storage.is_s3(target):
+            _, key = storage.split_s3(target)
+            if key and not key.endswith("/") and storage.exists(target, endpoint):
+                yield target, target
+                continue
+            for obj in storage.list_objects(target, endpoint=endpoint):
+                yield obj.uri, obj.uri
+        elif pathlib.Path(target).is_dir():
+            for obj in storage.list_objects(target):
+                yield obj.uri, obj.uri
+        else:
+            yield target, target
+
+
+def run_inspect(targets: list[str], endpoint: str | None = None, out=None,
+                config: ReaderConfig = ReaderConfig()) -> int:
+    """Write one JSON line per input file to ``out``. Returns 0 whenever it ran."""
+    out = out or sys.stdout
+    client = None
+    for display, uri in _expand(targets, endpoint):
+        try:
+            if storage.is_s3(uri):
+                client = client or storage.s3_client(endpoint)
+            data = storage.read_bytes(uri, endpoint, client=client)
+        except (OSError, Exception) as exc:  # noqa: BLE001 - unreadable object is a row, not a crash
+            row = dict.fromkeys(FIELDS)
+            row.update(path=display, status="error", error_code="read_failed",
+                       message=f"{type(exc).__name__}: {exc}"[:300])
+            out.write(json.dumps(row) + "\n")
+            continue
+        out.write(json.dumps(inspect_bytes(display, data, config)) + "\n")
+        out.flush()
+    return 0

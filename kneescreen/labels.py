@@ -1,0 +1,34 @@
+"""Class names and the WHO T-score thresholds behind them."""
+
+from __future__ import annotations
+
+import math
+
+CLASSES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
+CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
+# WHO: normal T >= -1; osteopenia -2.5 < T < -1; osteoporosis T <= -2.5.
+OSTEOPENIA_BELOW = -1.0
+OSTEOPOROSIS_AT_OR_BELOW = -2.5
+
+
+def t_score_to_class(t: float) -> str:
+    """WHO class for a T-score."""
+    if t is None or (isinstance(t, float) and math.isnan(t)):
+        raise ValueError("T-score is missing")
+    if t <= OSTEOPOROSIS_AT_OR_BELOW:
+        return "osteoporosis"
+    if t < OSTEOPENIA_BELOW:
+        return "osteopenia"
+    return "normal"
+
+
+def normalise_label(value: str) -> str:
+    """Accept common spellings ('Osteoporosis', 'OSTEOPENIA ', 'normal') and return a class name.
+
+    Raises:
+        ValueError: for anything that is not one of `CLASSES`.
+    """
+    v = str(value).strip().lower()
+    if v not in CLASS_INDEX:
+        raise ValueError(f"unknown label {value!r}; expected one of {list(CLASSES)}")
+    return v

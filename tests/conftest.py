@@ -1,0 +1,103 @@
+"""Shared fixtures: real DICOM files, a real S3 server process, small synthetic archives."""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+# A fixed pseudonym key for tests; production reads a secret (kneescreen.privacy).
+os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "test-only-key-0123456789abcdef")
+
+DEV_SET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "knee-xray-dev")
+
+
+def dicom_test_files() -> dict[str, str]:
+    """pydicom's bundled files plus the pydicom-data package, from disk (never downloaded)."""
+    import data_store
+    import pydicom
+
+    dirs = [
+        os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files"),
+        os.path.join(os.path.dirname(data_store.__file__), "data"),
+    ]
+    out = {}
+    for d in dirs:
+        for f in sorted(glob.glob(os.path.join(d, "*"))):
+            if os.path.isfile(f):
+                out.setdefault(os.path.basename(f), f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dicom_files() -> dict[str, str]:
+    return dicom_test_files()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server *process* on 127.0.0.1; yields its endpoint URL and sets the AWS env."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start within 30 s")
+    env = {
+        "AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket for one test."""
+    import uuid
+
+    from kneescreen.storage import s3_client
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def small_archive(tmp_path_factory):
+    """A 24-image synthetic DICOM/PNG/JPEG archive with planted bad files."""
+    from kneescreen.synth import SynthConfig, write_archive
+
+    out = tmp_path_factory.mktemp("archive")
+    summary = write_archive(str(out), SynthConfig(n=24, seed=3, size=128, formats=("dicom", "dicom", "png", "jpeg"),
+                                                  plant_bad=True, workers=1))
+    return out, summary
