@@ -1,0 +1,145 @@
+"""Classification metrics with intervals: Wilson for proportions, bootstrap for AUC and
+balanced accuracy. Pure numpy, shared by evaluation (training) and the screening statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: float, n: float, z: float = Z95) -> tuple[float | None, float | None, float | None]:
+    """Point estimate and Wilson score interval for k successes in n trials (None when n == 0)."""
+    if n <= 0:
+        return None, None, None
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Rows: true class, columns: predicted class."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    return cm
+
+
+def roc_auc(y_bin: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve via the Mann-Whitney statistic (ties count half)."""
+    y_bin, score = np.asarray(y_bin, bool), np.asarray(score, float)
+    n_pos, n_neg = int(y_bin.sum()), int((~y_bin).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    s = score[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y_bin].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_counts(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """TP/TN/FP/FN and the derived rates, each with a Wilson 95% interval."""
+    t, p = np.asarray(y_true, bool), np.asarray(y_pred, bool)
+    tp, tn = int((t & p).sum()), int((~t & ~p).sum())
+    fp, fn = int((~t & p).sum()), int((t & ~p).sum())
+    out: dict = {"tp": tp, "tn": tn, "fp": fp, "fn": fn}
+    for name, k, n in (
+        ("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp), ("ppv", tp, tp + fp),
+        ("npv", tn, tn + fn), ("accuracy", tp + tn, tp + tn + fp + fn),
+    ):
+        est, lo, hi = wilson(k, n)
+        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = est, lo, hi
+    out["f1"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else None
+    return out
+
+
+def _balanced_accuracy(cm: np.ndarray) -> float:
+    rec = [cm[i, i] / cm[i].sum() for i in range(len(cm)) if cm[i].sum() > 0]
+    return float(np.mean(rec)) if rec else float("nan")
+
+
+def _f1s(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(float)
+    denom = 2 * tp + (cm.sum(0) - tp) + (cm.sum(1) - tp)
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """Top-label ECE with equal-width confidence bins."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    ece = 0.0
+    edges = np.linspace(0, 1, bins + 1)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def _bootstrap(fn, n: int, seed: int, *arrays) -> tuple[float | None, float | None]:
+    rng = np.random.default_rng(seed)
+    size = len(arrays[0])
+    vals = []
+    for _ in range(n):
+        idx = rng.integers(0, size, size)
+        v = fn(*(a[idx] for a in arrays))
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            vals.append(v)
+    if len(vals) < n * 0.5:
+        return None, None
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def classification_report(y_true, probs, classes: tuple[str, ...], pred=None, n_boot: int = 1000,
+                          seed: int = 0) -> dict:
+    """Everything the evaluation table shows, for one model's predictions.
+
+    Args:
+        y_true: true class indices.
+        probs: (n, k) class probabilities.
+        classes: class names.
+        pred: predicted indices (default argmax of ``probs``; fusion methods may differ).
+
+    Returns:
+        Nested dict: overall metrics with intervals, and per class TP/TN/FP/FN, sensitivity,
+        specificity, PPV, NPV, F1 and one-vs-rest AUC.
+    """
+    y = np.asarray(y_true, int)
+    probs = np.asarray(probs, float)
+    pred = probs.argmax(1) if pred is None else np.asarray(pred, int)
+    k = len(classes)
+    cm = confusion_matrix(y, pred, k)
+    f1 = _f1s(cm)
+    support = cm.sum(1)
+    acc, acc_lo, acc_hi = wilson(int(np.trace(cm)), len(y))
+    bal_lo, bal_hi = _bootstrap(lambda a, b: _balanced_accuracy(confusion_matrix(a, b, k)), n_boot, seed, y, pred)
+    mf1_lo, mf1_hi = _bootstrap(lambda a, b: float(_f1s(confusion_matrix(a, b, k)).mean()), n_boot, seed, y, pred)
+    onehot = np.eye(k)[y]
+    report = {
+        "n": int(len(y)), "confusion_matrix": cm.tolist(), "classes": list(classes),
+        "accuracy": acc, "accuracy_lo": acc_lo, "accuracy_hi": acc_hi,
+        "balanced_accuracy": _balanced_accuracy(cm), "balanced_accuracy_lo": bal_lo, "balanced_accuracy_hi": bal_hi,
+        "macro_f1": float(f1.mean()), "macro_f1_lo": mf1_lo, "macro_f1_hi": mf1_hi,
+        "weighted_f1": float((f1 * support).sum() / max(support.sum(), 1)),
+        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+        "ece": expected_calibration_error(y, probs),
+        "per_class": {},
+    }
+    for i, name in enumerate(classes):
+        row = binary_counts(y == i, pred == i)
+        row["support"] = int(support[i])
+        row["auc"] = roc_auc(y == i, probs[:, i])
+        row["auc_lo"], row["auc_hi"] = _bootstrap(lambda a, s: roc_auc(a, s), n_boot, seed, y == i, probs[:, i])
+        report["per_class"][name] = row
+    return report
