@@ -75,7 +75,78 @@ def build_parser() -> argparse.ArgumentParser:
                    help="duplicates that carry different labels: drop all copies (default) or keep")
     p.add_argument("--endpoint-url", default=None)
     _add_config(p)
+    p = sub.add_parser("train", help="fine-tune the ensemble on Ray Train and write a model bundle")
+    add_train_args(p)
+    _add_config(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a bundle on a split: table, JSON and Parquet")
+    p.add_argument("--bundle", required=True, help="bundle folder or s3:// prefix")
+    p.add_argument("--split-dir", required=True, help="folder holding split.csv (from `split` or `train`)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", default=None, help="where to write <split>.json/.parquet (default: <bundle>/evaluation)")
+    p.add_argument("--endpoint-url", default=None)
+    _add_config(p)
     return parser
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Training flags, shared by `kneescreen train` and jobs/train.py."""
+    from kneescreen.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", required=True, help="labelled collection (folder-per-class, folder with labels.csv, or labels file)")
+    p.add_argument("--out", required=True, help="bundle folder or s3:// prefix")
+    p.add_argument("--split-dir", default=None, help="reuse this split (default: <out>/split, created if missing)")
+    p.add_argument("--members", default="efficientnet_lite0:gray",
+                   help="comma list of architecture:input_mode (see `kneescreen.models.list_models()`)")
+    p.add_argument("--weights", default="imagenet", help="imagenet | none | path/s3 URI to an ImageNet state dict")
+    p.add_argument("--image-size", type=int, default=None, help="override every member's input size")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping on validation macro-F1")
+    p.add_argument("--workers", type=int, default=d.num_workers, help="Ray Train workers (DDP)")
+    p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast, NCCL")
+    p.add_argument("--fusion", default=d.fusion, choices=("soft", "weighted", "majority", "fuzzy_rank"))
+    p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
+    p.add_argument("--storage-path", default=d.storage_path, help="Ray Train checkpoints (folder or s3://)")
+    p.add_argument("--name", default=d.name, help="run name: rerunning the same name resumes from its checkpoints")
+    p.add_argument("--max-failures", type=int, default=d.max_failures)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--endpoint-url", default=None)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from kneescreen.models import list_models
+    from kneescreen.train import MemberSpec, TrainConfig
+
+    members = []
+    for item in args.members.split(","):
+        arch, _, mode = item.strip().partition(":")
+        if arch not in list_models():
+            raise KneescreenError(f"--members: unknown architecture {arch!r}; valid: {', '.join(list_models())}")
+        if (mode or "gray") not in ("gray", "rgb"):
+            raise KneescreenError(f"--members: input mode must be gray or rgb, not {mode!r}")
+        weights = None if args.weights == "none" else args.weights
+        members.append(MemberSpec(arch, mode or "gray", weights, args.image_size))
+    return TrainConfig(
+        members=tuple(members), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+        num_workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, seed=args.seed,
+        fusion=args.fusion, target_sensitivity=args.target_sensitivity, storage_path=args.storage_path,
+        name=args.name, max_failures=args.max_failures,
+    )
+
+
+def run_train_from_args(args: argparse.Namespace) -> int:
+    from kneescreen.evaluate import format_table
+    from kneescreen.train import run_train
+
+    cfg = train_config_from_args(args)
+    out = run_train(args.data, args.out, cfg, split_dir=args.split_dir, endpoint=args.endpoint_url)
+    print(format_table(out["test"]))
+    print(f"bundle {out['version']} written to {out['bundle']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +208,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         audit = run_split(args.source, args.out, cfg, images_root=args.images_root, endpoint=args.endpoint_url)
         print(json.dumps(audit["summary"], indent=2))
         return 0 if audit["summary"]["leaks"] == 0 else 1
+    if args.command == "train":
+        return run_train_from_args(args)
+    if args.command == "evaluate":
+        from kneescreen.evaluate import run_evaluate
+
+        run_evaluate(args.bundle, args.split_dir, args.out, args.split, endpoint=args.endpoint_url)
+        return 0
     raise KneescreenError(f"unknown command {args.command!r}")
 
 

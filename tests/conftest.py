@@ -101,3 +101,23 @@ def small_archive(tmp_path_factory):
     summary = write_archive(str(out), SynthConfig(n=24, seed=3, size=128, formats=("dicom", "dicom", "png", "jpeg"),
                                                   plant_bad=True, workers=1))
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def train_archive(tmp_path_factory):
+    """A 48-image synthetic DICOM archive (24 patients) for training tests."""
+    from kneescreen.synth import SynthConfig, write_archive
+
+    out = tmp_path_factory.mktemp("train-archive")
+    write_archive(str(out), SynthConfig(n=48, seed=7, size=96, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the in-process tests (small, like Ray's own shared fixture)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
