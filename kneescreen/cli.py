@@ -86,7 +86,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write <split>.json/.parquet (default: <bundle>/evaluation)")
     p.add_argument("--endpoint-url", default=None)
     _add_config(p)
+    p = sub.add_parser("screen", help="screen an archive with a bundle: predictions, stats and a run manifest")
+    add_screen_args(p)
+    _add_config(p)
     return parser
+
+
+def add_screen_args(p: argparse.ArgumentParser, mode_default: str = "incremental") -> None:
+    """Screening flags, shared by `kneescreen screen`, jobs/screen.py and jobs/rescan.py."""
+    p.add_argument("--input", required=True, help="archive: folder or s3://bucket/prefix")
+    p.add_argument("--output", required=True, help="output root: folder or s3://bucket/prefix")
+    p.add_argument("--bundle", required=True, help="model bundle folder or s3:// prefix")
+    p.add_argument("--reference", default=None, help="labels CSV/Parquet: key|path|sop_instance_uid -> label|t_score")
+    p.add_argument("--metadata", default=None, help="sidecar CSV/Parquet: key -> age, sex, site, ... (headers win)")
+    p.add_argument("--include", action="append", default=[], help="glob on keys to include (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="glob on keys to exclude (repeatable)")
+    p.add_argument("--mode", choices=("incremental", "full"), default=mode_default,
+                   help="incremental: skip (key, etag) already screened by this model version")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch size per actor")
+    p.add_argument("--actors", type=int, default=1, help="inference actors (one per GPU on clusters)")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--body-part-policy", choices=("skip", "keep"), default="skip")
+    p.add_argument("--max-pixels", type=int, default=64_000_000)
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    p.add_argument("--dry-run", action="store_true", help="validate arguments and print the resolved config")
+
+
+def run_screen_from_args(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from kneescreen.screen import ScreenConfig, run_screen
+
+    cfg = ScreenConfig(
+        input=args.input, output=args.output, bundle=args.bundle, reference=args.reference, metadata=args.metadata,
+        include=tuple(args.include), exclude=tuple(args.exclude), mode=args.mode, batch_size=args.batch_size,
+        actors=args.actors, use_gpu=args.use_gpu, body_part_policy=args.body_part_policy,
+        max_pixels=args.max_pixels, endpoint=args.endpoint_url,
+    )
+    if args.dry_run:
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
+    manifest = run_screen(cfg)
+    print(json.dumps({k: manifest[k] for k in ("run_id", "model_version", "counts", "throughput_images_per_s")}, indent=2))
+    return 0
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -208,6 +250,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         audit = run_split(args.source, args.out, cfg, images_root=args.images_root, endpoint=args.endpoint_url)
         print(json.dumps(audit["summary"], indent=2))
         return 0 if audit["summary"]["leaks"] == 0 else 1
+    if args.command == "screen":
+        return run_screen_from_args(args)
     if args.command == "train":
         return run_train_from_args(args)
     if args.command == "evaluate":

@@ -168,3 +168,40 @@ def list_objects(
                 continue
             st = path.stat()
             yield ObjectInfo(str(path), key, st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+
+
+def delete_prefix(uri: str, endpoint: str | None = None) -> int:
+    """Delete every object/file below ``uri``; returns how many. Used to drop uncommitted runs."""
+    import shutil
+
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        prefix = prefix.rstrip("/") + "/"
+        client = s3_client(endpoint)
+        n = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+                n += len(keys)
+        return n
+    path = pathlib.Path(uri)
+    if not path.exists():
+        return 0
+    n = sum(1 for p in path.rglob("*") if p.is_file())
+    shutil.rmtree(path)
+    return n
+
+
+def list_dirs(uri: str, endpoint: str | None = None) -> list[str]:
+    """Immediate sub-folder names below ``uri`` (S3: common prefixes)."""
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        client = s3_client(endpoint)
+        names = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            names += [cp["Prefix"][len(prefix):].rstrip("/") for cp in page.get("CommonPrefixes", ())]
+        return sorted(names)
+    path = pathlib.Path(uri)
+    return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

@@ -114,10 +114,40 @@ def train_archive(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the in-process tests (small, like Ray's own shared fixture)."""
+def ray_local(s3_server):
+    """One local Ray instance for the in-process tests (small, like Ray's own shared fixture).
+
+    Started after the S3 server so its workers inherit the endpoint and test credentials, the
+    way cluster workers get them from their own environment (instance profile, IRSA)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A random-weight test_cnn bundle with a fitted stacker: exercises fused and fallback rows."""
+    import numpy as np
+    import torch
+
+    from kneescreen.bundle import save_bundle
+    from kneescreen.covariates import LogisticModel
+    from kneescreen.models import create_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    manifest = {
+        "classes": ["normal", "osteopenia", "osteoporosis"],
+        "members": [{"architecture": "test_cnn", "input_mode": "gray", "image_size": 64, "mean": [0.5],
+                     "std": [0.25], "temperature": 1.0, "weights_init": None}],
+        "fusion": {"method": "soft", "weights": None}, "predictor": "fused", "inputs": ["image", "age", "sex"],
+        "covariates": {"model": LogisticModel().fit(rng.normal(size=(30, 4)), rng.integers(0, 3, 30), 3).to_dict(),
+                       "age_mean": 65.0, "age_sd": 12.0},
+        "stacker": {"model": LogisticModel().fit(rng.normal(size=(30, 7)), rng.integers(0, 3, 30), 3).to_dict()},
+        "thresholds": {"low_bmd": {"threshold": 0.6}, "osteoporosis": {"threshold": 0.3}},
+    }
+    out = tmp_path_factory.mktemp("bundle")
+    save_bundle(str(out), manifest, [create_model("test_cnn", 3, "gray").state_dict()])
+    return str(out)

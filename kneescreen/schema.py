@@ -1,0 +1,67 @@
+"""The Parquet schemas of every screening output (one module: writers cast to these, tests
+assert them, docs/schema.md explains them).
+
+Layout under the output root (hive-style directories, queryable by DuckDB/Athena/Trino)::
+
+    predictions/model_version=<v>/run_id=<r>/*.parquet   one row per listed object per run
+    stats/model_version=<v>/run_id=<r>/stats.parquet      per run and subgroup, long format
+    runs/run_id=<r>.json                                  the run manifest, written LAST
+
+A run without its manifest did not happen: readers and incremental rescans only look at runs
+listed under ``runs/``, and the next run deletes an uncommitted run's files before it starts.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PREDICTIONS = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),  # object key relative to the input root
+    pa.field("etag", pa.string()),
+    pa.field("size", pa.int64()),
+    pa.field("status", pa.string(), nullable=False),  # ok | error | skipped
+    pa.field("error_code", pa.string()),  # kneescreen.errors.ERROR_CODES, or not_knee / not_radiograph
+    pa.field("message", pa.string()),
+    pa.field("format", pa.string()),  # dicom | png | jpeg
+    pa.field("patient_pseudo_id", pa.string()),  # HMAC-SHA256(KNEESCREEN_PSEUDONYM_KEY, PatientID)
+    pa.field("study_pseudo_id", pa.string()),  # HMAC of StudyInstanceUID
+    pa.field("laterality", pa.string()),
+    pa.field("view", pa.string()),
+    pa.field("site", pa.string()),
+    pa.field("manufacturer", pa.string()),
+    pa.field("sex", pa.string()),  # F | M | None
+    pa.field("age", pa.float64()),  # years
+    pa.field("age_band", pa.string()),
+    pa.field("p_normal", pa.float64()),
+    pa.field("p_osteopenia", pa.float64()),
+    pa.field("p_osteoporosis", pa.float64()),
+    pa.field("predicted_class", pa.string()),
+    pa.field("risk_score", pa.float64()),  # P(osteopenia) + P(osteoporosis): low-BMD risk
+    pa.field("low_bmd_flag", pa.bool_()),  # risk_score >= the bundle's low-BMD threshold
+    pa.field("osteoporosis_flag", pa.bool_()),
+    pa.field("predictor", pa.string()),  # fused | image (image-only fallback: age/sex missing)
+    pa.field("covariates_imputed", pa.bool_()),
+    pa.field("reference_label", pa.string()),
+    pa.field("reference_t_score", pa.float64()),
+    pa.field("decode_ms", pa.float64()),
+    pa.field("infer_ms", pa.float64()),  # per image: batch inference time / batch size
+    pa.field("screened_at", pa.timestamp("us", tz="UTC")),
+])
+
+STATS = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),
+    pa.field("subgroup_type", pa.string(), nullable=False),  # all | site | manufacturer | sex | age_band | view
+    pa.field("subgroup", pa.string(), nullable=False),
+    pa.field("target", pa.string(), nullable=False),  # status / class / low_bmd / overall / confusion:<true>-><pred>
+    pa.field("metric", pa.string(), nullable=False),  # count | prevalence | sensitivity | specificity | ppv | ...
+    pa.field("value", pa.float64()),
+    pa.field("ci_lo", pa.float64()),  # Wilson 95% interval where the metric is a proportion
+    pa.field("ci_hi", pa.float64()),
+    pa.field("numerator", pa.int64()),
+    pa.field("denominator", pa.int64()),
+])
+
+STATUSES = ("ok", "error", "skipped")
