@@ -234,6 +234,11 @@ def _train_loop(config: dict) -> None:
 def ensure_ray(num_cpus: int | None = None) -> None:
     import ray
 
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside `ray job submit` (or pointed at a cluster): join it as it is
+        return
     if not ray.is_initialized():
         # Logical CPUs: Ray Train workers and Ray Data tasks both ask for CPUs; on a 2-core
         # machine 2 training workers would otherwise leave Data nothing and stall it.
