@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output folder")
     p.add_argument("--n", type=int, default=200, help="synthetic archive size")
     p.add_argument("--dev-set", default=None, help="labelled real knee X-rays (default ../shared/data/knee-xray-dev)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=160, help="member input size (160 keeps CPU training in minutes)")
     _add_config(p)
 
     p = sub.add_parser("inspect", help="one JSON line per file: how the reader decodes it")
@@ -157,6 +159,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=d.max_failures)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--endpoint-url", default=None)
+    p.add_argument("--dry-run", action="store_true", help="validate arguments and print the resolved config")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -185,6 +188,11 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     from kneescreen.train import run_train
 
     cfg = train_config_from_args(args)
+    if args.dry_run:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(cfg), indent=2, default=str))
+        return 0
     out = run_train(args.data, args.out, cfg, split_dir=args.split_dir, endpoint=args.endpoint_url)
     print(format_table(out["test"]))
     print(f"bundle {out['version']} written to {out['bundle']}")
@@ -218,7 +226,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from kneescreen.demo import run_demo
 
-        return run_demo(args.out, n=args.n, dev_set=args.dev_set)
+        return run_demo(args.out, n=args.n, dev_set=args.dev_set, epochs=args.epochs, image_size=args.image_size)
     if args.command == "inspect":
         from kneescreen.inspect import run_inspect
         from kneescreen.reader import ReaderConfig

@@ -22,7 +22,7 @@ _logger = logging.getLogger(__name__)
 def run_cv(source: str, out_json: str, cfg, fusion_methods=("soft", "fuzzy_rank", "weighted", "majority")) -> dict:
     from kneescreen.bundle import Bundle
     from kneescreen.datasets import SplitConfig, load_split, run_split
-    from kneescreen.evaluate import age_band, predictor_outputs
+    from kneescreen.evaluate import age_band, low_bmd_threshold, predictor_outputs
     from kneescreen.models import create_model
     from kneescreen.train import ensure_ray, fit_ensemble, load_arrays, subset, train_member
 
@@ -51,8 +51,8 @@ def run_cv(source: str, out_json: str, cfg, fusion_methods=("soft", "fuzzy_rank"
             manifest = fit_ensemble(list(cfg.members), states, val, train, replace(cfg, fusion=method))
             manifest["version"] = f"cv-fold{f}-{method}"
             bundle = Bundle(manifest, models)
-            th = manifest["thresholds"]["low_bmd"]["threshold"]
             for name, (probs, pred) in predictor_outputs(bundle, test).items():
+                th = low_bmd_threshold(manifest, name)
                 if method != fusion_methods[0] and not name.startswith("image_ensemble"):
                     continue  # members, covariates and fused are reported once (first method)
                 d = oof.setdefault(name, {"probs": [], "pred": [], "low": []})

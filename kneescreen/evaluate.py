@@ -24,6 +24,11 @@ def age_band(age) -> str | None:
     return None
 
 
+def low_bmd_threshold(manifest: dict, predictor: str) -> float:
+    """The validation-chosen low-BMD threshold of one predictor (the deployed one's as fallback)."""
+    return manifest.get("predictor_thresholds", {}).get(predictor, manifest["thresholds"]["low_bmd"]["threshold"])
+
+
 def predictor_outputs(bundle, data: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (probs, pred) for members, image ensemble, covariates-only and fused."""
     from kneescreen.covariates import covariate_features
@@ -51,11 +56,11 @@ def _image_pred(bundle, pred) -> np.ndarray:
 
 def evaluate_arrays(bundle, data: dict, n_boot: int = 1000) -> dict:
     y = np.asarray(data["label"], int)
-    th = bundle.manifest["thresholds"]["low_bmd"]["threshold"]
     report = {"bundle_version": bundle.version, "n": int(len(y)), "predictors": {}}
     for name, (probs, pred) in predictor_outputs(bundle, data).items():
         r = classification_report(y, probs, CLASSES, pred=pred, n_boot=n_boot)
-        r["low_bmd"] = binary_counts(y >= 1, (probs[:, 1] + probs[:, 2]) >= th)
+        r["low_bmd_threshold"] = low_bmd_threshold(bundle.manifest, name)
+        r["low_bmd"] = binary_counts(y >= 1, (probs[:, 1] + probs[:, 2]) >= r["low_bmd_threshold"])
         report["predictors"][name] = r
     # Is the image model reading bone or age? Its accuracy within age bands.
     img_name = next(k for k in report["predictors"] if k.startswith("image_ensemble"))

@@ -349,6 +349,15 @@ def fit_ensemble(members: list[MemberSpec], states: list[dict], val: dict, train
         fused = stacker.predict_proba(stack_features(image_probs, x_val))
         final_probs = np.where(imp_val[:, None], image_probs, fused)
     manifest["inputs"] = ["image"] + (["age", "sex"] if manifest["predictor"] == "fused" else [])
+    # Each predictor gets its own low-BMD threshold on validation, so evaluations compare them at
+    # the same target sensitivity (the deployed predictor's is `thresholds` below).
+    per = {f"member:{m.name}": p for m, p in zip(members, probs)}
+    per[f"image_ensemble:{cfg.fusion}"] = image_probs
+    if manifest["predictor"] == "fused":
+        per["covariates_only"] = cov.predict_proba(x_val)
+        per["fused"] = final_probs
+    manifest["predictor_thresholds"] = {
+        name: choose_threshold(p[:, 1] + p[:, 2], y >= 1, cfg.target_sensitivity)["threshold"] for name, p in per.items()}
     low = final_probs[:, 1] + final_probs[:, 2]
     manifest["thresholds"] = {
         "low_bmd": choose_threshold(low, y >= 1, cfg.target_sensitivity),

