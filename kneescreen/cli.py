@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write <split>.json/.parquet (default: <bundle>/evaluation)")
     p.add_argument("--endpoint-url", default=None)
     _add_config(p)
+    p = sub.add_parser("report", help="HTML report + PNG figures from a screening output (local or s3://)")
+    p.add_argument("--output", required=True, help="the screening output root")
+    p.add_argument("--out", required=True, help="local folder for report.html and the figures")
+    p.add_argument("--endpoint-url", default=None)
+    _add_config(p)
+
     p = sub.add_parser("screen", help="screen an archive with a bundle: predictions, stats and a run manifest")
     add_screen_args(p)
     _add_config(p)
@@ -258,6 +264,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         audit = run_split(args.source, args.out, cfg, images_root=args.images_root, endpoint=args.endpoint_url)
         print(json.dumps(audit["summary"], indent=2))
         return 0 if audit["summary"]["leaks"] == 0 else 1
+    if args.command == "report":
+        from kneescreen.report import build_report
+
+        print(build_report(args.output, args.out, endpoint=args.endpoint_url))
+        return 0
     if args.command == "screen":
         return run_screen_from_args(args)
     if args.command == "train":
