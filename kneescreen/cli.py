@@ -158,6 +158,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.num_workers, help="Ray Train workers (DDP)")
     p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast, NCCL")
+    p.add_argument("--placement-strategy", choices=("PACK", "SPREAD"), default=d.placement_strategy)
     p.add_argument("--fusion", default=d.fusion, choices=("soft", "weighted", "majority", "fuzzy_rank"))
     p.add_argument("--target-sensitivity", type=float, default=d.target_sensitivity)
     p.add_argument("--storage-path", default=d.storage_path, help="Ray Train checkpoints (folder or s3://)")
@@ -184,6 +185,7 @@ def train_config_from_args(args: argparse.Namespace):
     return TrainConfig(
         members=tuple(members), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
         num_workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, seed=args.seed,
+        placement_strategy=args.placement_strategy,
         fusion=args.fusion, target_sensitivity=args.target_sensitivity, storage_path=args.storage_path,
         name=args.name, max_failures=args.max_failures,
     )

@@ -57,6 +57,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
+    placement_strategy: str = "PACK"  # PACK fills a node first; SPREAD puts workers on different nodes
     seed: int = 0
     fusion: str = "soft"
     target_sensitivity: float = 0.9
@@ -271,7 +272,8 @@ def train_member(member: MemberSpec, train: dict, val: dict, cfg: TrainConfig, r
             "class_counts": np.bincount(train["label"], minlength=len(CLASSES)).tolist(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                                     placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -349,21 +351,24 @@ def fit_ensemble(members: list[MemberSpec], states: list[dict], val: dict, train
         fused = stacker.predict_proba(stack_features(image_probs, x_val))
         final_probs = np.where(imp_val[:, None], image_probs, fused)
     manifest["inputs"] = ["image"] + (["age", "sex"] if manifest["predictor"] == "fused" else [])
+
+    def threshold(score, positive) -> dict:
+        if not positive.any() or positive.all():
+            _logger.warning("validation split has %s: threshold left at 0.5; use a larger validation split",
+                            "no positive cases" if not positive.any() else "no negative cases")
+            return {"threshold": 0.5, "note": "validation split lacks positives or negatives"}
+        return choose_threshold(score, positive, cfg.target_sensitivity)
+
+    low = final_probs[:, 1] + final_probs[:, 2]
+    manifest["thresholds"] = {"low_bmd": threshold(low, y >= 1), "osteoporosis": threshold(final_probs[:, 2], y == 2)}
     # Each predictor gets its own low-BMD threshold on validation, so evaluations compare them at
-    # the same target sensitivity (the deployed predictor's is `thresholds` below).
+    # the same target sensitivity (the deployed predictor's is `thresholds` above).
     per = {f"member:{m.name}": p for m, p in zip(members, probs)}
     per[f"image_ensemble:{cfg.fusion}"] = image_probs
     if manifest["predictor"] == "fused":
         per["covariates_only"] = cov.predict_proba(x_val)
         per["fused"] = final_probs
-    manifest["predictor_thresholds"] = {
-        name: choose_threshold(p[:, 1] + p[:, 2], y >= 1, cfg.target_sensitivity)["threshold"] for name, p in per.items()}
-    low = final_probs[:, 1] + final_probs[:, 2]
-    manifest["thresholds"] = {
-        "low_bmd": choose_threshold(low, y >= 1, cfg.target_sensitivity),
-        "osteoporosis": choose_threshold(final_probs[:, 2], y == 2, cfg.target_sensitivity)
-        if (y == 2).any() else {"threshold": 0.5, "note": "no osteoporosis in validation"},
-    }
+    manifest["predictor_thresholds"] = {name: threshold(p[:, 1] + p[:, 2], y >= 1)["threshold"] for name, p in per.items()}
     return manifest
 
 

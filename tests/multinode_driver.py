@@ -1,0 +1,45 @@
+"""Driver for the multi-node check (tests/test_multinode.py, docs/operations.md).
+
+Run with RAY_ADDRESS pointing at a running cluster: trains the tiny model with 2 Ray Train
+workers spread over nodes, screens an archive, then asks Ray's state API which nodes ran what.
+
+    RAY_ADDRESS=127.0.0.1:6379 python tests/multinode_driver.py ARCHIVE_DIR WORK_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(archive: str, work: str) -> int:
+    import ray
+    from ray.util.state import list_actors, list_nodes, list_tasks
+
+    from kneescreen.screen import ScreenConfig, run_screen
+    from kneescreen.train import MemberSpec, TrainConfig, ensure_ray, run_train
+
+    ensure_ray()
+    cfg = TrainConfig(members=(MemberSpec("test_cnn", "gray", None),), epochs=2, num_workers=2, cpus_per_worker=1,
+                      placement_strategy="SPREAD", storage_path=os.path.join(work, "runs"), name="multinode")
+    run_train(archive, os.path.join(work, "bundle"), cfg)
+    manifest = run_screen(ScreenConfig(input=os.path.join(archive, "images"), output=os.path.join(work, "out"),
+                                       bundle=os.path.join(work, "bundle"), batch_size=8, actors=2))
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)
+    tasks = list_tasks(limit=10000, detail=True)
+    decode_nodes = {t.node_id for t in tasks if "_decode_task" in (t.name or "") and t.node_id}
+    actor_nodes = {a.node_id for a in list_actors(limit=1000, detail=True) if "EnsemblePredictor" in (a.class_name or "")}
+    print(json.dumps({
+        "nodes": sorted(n.node_id for n in list_nodes() if n.state == "ALIVE"),
+        "train_worker_nodes": sorted({a.node_id for a in workers}),
+        "screen_decode_task_nodes": sorted(decode_nodes),
+        "screen_actor_nodes": sorted(actor_nodes),
+        "screened": manifest["counts"]["screened"],
+    }))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
