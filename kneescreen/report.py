@@ -79,7 +79,9 @@ def fig_prevalence(current):
 
     ok = current[current["status"] == "ok"]
     groups = [("all", None), ("site", "site"), ("manufacturer", "manufacturer"), ("sex", "sex"), ("age band", "age_band")]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), sharey=True)
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = grid.ravel()
+    axes[-1].axis("off")
     for ax, (title, col) in zip(axes, groups):
         keys = ["all"] if col is None else sorted(ok[col].fillna("unknown").astype(str).unique())
         bottom = np.zeros(len(keys))
@@ -94,9 +96,11 @@ def fig_prevalence(current):
         ax.set_xticks(range(len(keys)), [f"{k}\nn={n}" for k, n in zip(keys, ns)], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"by {title}" if col else "overall", fontsize=10)
         ax.set_ylim(0, 1)
-    axes[0].set_ylabel("share of screened images")
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
-    fig.suptitle("Predicted risk class prevalence (latest committed prediction per image)", fontsize=11)
+    for ax in (axes[0], axes[3]):
+        ax.set_ylabel("share of screened images")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, loc="center", fontsize=10, title="predicted class (latest per image)")
+    fig.tight_layout()
     return _png(fig)
 
 
