@@ -441,6 +441,9 @@ def run_screen(cfg: ScreenConfig) -> dict:
         "run_id": run_id, "started_at": started.isoformat(), "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "model_version": version, "bundle": cfg.bundle, "input": cfg.input, "output": cfg.output, "mode": cfg.mode,
         "listing_fingerprint": listing["fingerprint"],
+        # Which pseudonymisation key made this run's ids (a hash of the key, never the key):
+        # rows with different key ids cannot be joined on patient_pseudo_id.
+        "pseudonym_key_id": hashlib.sha256(b"kneescreen-key-id:" + key).hexdigest()[:12],
         "counts": {"listed": listing["listed"], "already_screened": listing["already_done"], "screened": written,
                    **counts},
         "timing_s": {"list_and_diff": round(t_listed - t_start, 3), "screen": round(screen_s, 3),
