@@ -9,25 +9,13 @@ Rerunning with the same --name and --storage-path resumes from the last checkpoi
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kneescreen.cli import add_train_args, run_train_from_args
-    from kneescreen.errors import KneescreenError
+    from kneescreen.cli import add_train_args, job_main, run_train_from_args
 
-    parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run_train_from_args(args)
-    except KneescreenError as exc:
-        print(f"jobs/train.py: error: {exc}", file=sys.stderr)
-        return 2
+    return job_main("jobs/train.py", __doc__, add_train_args, run_train_from_args, argv)
 
 
 if __name__ == "__main__":

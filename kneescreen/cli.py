@@ -207,6 +207,21 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def job_main(prog: str, doc: str, add_args, run, argv: list[str] | None = None) -> int:
+    """Shared body of the thin Ray job entry points in jobs/: parse, log, run, exit status."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # decode failures are error rows
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
+    try:
+        return run(args)
+    except KneescreenError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:

@@ -66,16 +66,7 @@ class Item:
 # loading
 
 
-def _read_table(uri: str, endpoint: str | None) -> list[dict]:
-    data = storage.read_bytes(uri, endpoint)
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-
-
-def _num(value) -> float | None:
+def to_float(value) -> float | None:
     try:
         v = float(value)
         return None if np.isnan(v) else v
@@ -104,7 +95,7 @@ def load_collection(source: str, images_root: str | None = None, endpoint: str |
     if labels_uri is None:
         return _load_class_folders(source)
     base = labels_uri.rsplit("/", 1)[0] if storage.is_s3(labels_uri) else str(pathlib.Path(labels_uri).parent)
-    rows = _read_table(labels_uri, endpoint)
+    rows = storage.read_table(labels_uri, endpoint)
     if not rows:
         raise KneescreenError(f"{labels_uri} has no rows")
     key_col = "key" if "key" in rows[0] else "path" if "path" in rows[0] else None
@@ -121,7 +112,7 @@ def load_collection(source: str, images_root: str | None = None, endpoint: str |
     items = []
     for i, row in enumerate(rows):
         key = str(row[key_col])
-        t = _num(row.get("t_score"))
+        t = to_float(row.get("t_score"))
         try:
             label = normalise_label(row["label"]) if row.get("label") not in (None, "") else t_score_to_class(t)
         except ValueError as exc:
@@ -129,7 +120,7 @@ def load_collection(source: str, images_root: str | None = None, endpoint: str |
         items.append(Item(
             key=key, uri=storage.join(images_root, key), label=label,
             patient=str(row[patient_col]) if patient_col and row.get(patient_col) else "",
-            t_score=t, age=_num(row.get("age")), sex=(row.get("sex") or None),
+            t_score=t, age=to_float(row.get("age")), sex=(row.get("sex") or None),
         ))
     return items
 
@@ -368,11 +359,11 @@ def write_split(out_dir: str, rows: list[dict], audit: dict, endpoint: str | Non
 
 def load_split(path: str, endpoint: str | None = None) -> list[dict]:
     """Rows of a ``split.csv`` written by `run_split`, with numeric fields parsed."""
-    rows = _read_table(path if path.endswith(".csv") else storage.join(path, "split.csv"), endpoint)
+    rows = storage.read_table(path if path.endswith(".csv") else storage.join(path, "split.csv"), endpoint)
     for r in rows:
         r["fold"] = int(r["fold"])
         r["group"] = int(r["group"])
         for k in ("t_score", "age"):
-            r[k] = _num(r.get(k))
+            r[k] = to_float(r.get(k))
         r["sex"] = r.get("sex") or None
     return rows

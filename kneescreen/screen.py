@@ -27,6 +27,7 @@ import numpy as np
 
 from kneescreen import storage
 from kneescreen.errors import KneescreenError
+from kneescreen.datasets import to_float
 from kneescreen.labels import CLASSES
 from kneescreen.stats import compute_stats
 
@@ -65,23 +66,12 @@ class ScreenConfig:
 # side tables: reference labels and metadata sidecar
 
 
-def _read_table(uri: str, endpoint: str | None) -> list[dict]:
-    data = storage.read_bytes(uri, endpoint)
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    import csv
-
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-
-
 def load_side_table(uri: str | None, endpoint: str | None) -> dict[str, dict]:
     """key / relative path / SOP Instance UID -> row, for --reference and --metadata."""
     if not uri:
         return {}
     out: dict[str, dict] = {}
-    for row in _read_table(uri, endpoint):
+    for row in storage.read_table(uri, endpoint):
         for col in ("key", "path", "relative_path", "sop_instance_uid"):
             v = row.get(col)
             if v not in (None, ""):
@@ -93,14 +83,6 @@ def load_side_table(uri: str | None, endpoint: str | None) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------------
 # stage 1: decode + preprocess (pure batch function, CPU tasks)
-
-
-def _num(v):
-    try:
-        f = float(v)
-        return None if np.isnan(f) else f
-    except (TypeError, ValueError):
-        return None
 
 
 def decode_batch(batch: dict, input_root: str, sizes: list[int], pseudo_key: bytes, reference: dict,
@@ -139,12 +121,12 @@ def decode_batch(batch: dict, input_root: str, sizes: list[int], pseudo_key: byt
         side = metadata.get(key) or (metadata.get(meta.sop_uid) if meta and meta.sop_uid else None) or {}
         ref = reference.get(key) or (reference.get(meta.sop_uid) if meta and meta.sop_uid else None)
         # DICOM headers win where both exist; the sidecar fills formats without headers.
-        age = meta.age if meta and meta.age is not None else _num(side.get("age"))
+        age = meta.age if meta and meta.age is not None else to_float(side.get("age"))
         sex = (meta.sex if meta and meta.sex else None) or (str(side.get("sex") or "").upper()[:1] or None)
         sex = sex if sex in ("F", "M") else None
         ref_label, ref_t = None, None
         if ref:
-            ref_t = _num(ref.get("t_score"))
+            ref_t = to_float(ref.get("t_score"))
             try:
                 ref_label = normalise_label(ref["label"]) if ref.get("label") else (
                     t_score_to_class(ref_t) if ref_t is not None else None)

@@ -205,3 +205,17 @@ def list_dirs(uri: str, endpoint: str | None = None) -> list[str]:
         return sorted(names)
     path = pathlib.Path(uri)
     return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+
+def read_table(uri: str, endpoint: str | None = None) -> list[dict]:
+    """Rows of a CSV or Parquet file (local or s3://) as dicts: labels, sidecars, splits."""
+    import io
+
+    data = read_bytes(uri, endpoint)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    import csv
+
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
