@@ -5,6 +5,7 @@
        when present, else the synthetic archive), calibrate, write the bundle
     3. screen the archive on Ray Data -> predictions, stats, run manifest (Parquet + JSON)
     4. rescan: an unchanged archive finds nothing new
+    5. report: HTML + PNG figures from the Parquet output
 """
 
 from __future__ import annotations
@@ -38,23 +39,26 @@ def run_demo(out: str = "demo-out", n: int = 200, dev_set: str | None = None, ep
                         "production runs must set their own secret")
         os.environ["KNEESCREEN_PSEUDONYM_KEY"] = DEMO_KEY
     ensure_ray()
-    _logger.info("[1/4] synthesising %d knee radiographs (+ planted bad objects) into %s", n, root / "archive")
+    _logger.info("[1/5] synthesising %d knee radiographs (+ planted bad objects) into %s", n, root / "archive")
     synth = write_archive(str(root / "archive"), SynthConfig(
         n=n, seed=0, plant_bad=True, formats=("dicom", "dicom", "dicom", "png", "jpeg")))
     dev = pathlib.Path(dev_set) if dev_set else DEV_SET
     train_source = str(dev) if dev.is_dir() else str(root / "archive")
-    _logger.info("[2/4] training the default ensemble on %s", train_source)
+    _logger.info("[2/5] training the default ensemble on %s", train_source)
     cfg = TrainConfig(members=(MemberSpec("efficientnet_lite0", "gray", "imagenet", image_size),), epochs=epochs,
                       patience=3, num_workers=1, cpus_per_worker=max(1, (os.cpu_count() or 2)),
                       storage_path=str(root / "ray-train"), name="demo")
     trained = run_train(train_source, str(root / "bundle"), cfg)
-    _logger.info("[3/4] screening %s", root / "archive" / "images")
+    _logger.info("[3/5] screening %s", root / "archive" / "images")
     scfg = ScreenConfig(input=str(root / "archive" / "images"), output=str(root / "screening"),
                         bundle=str(root / "bundle"), reference=str(root / "archive" / "labels.csv"),
                         metadata=str(root / "archive" / "labels.csv"))
     first = run_screen(scfg)
-    _logger.info("[4/4] rescanning the unchanged archive (incremental)")
+    _logger.info("[4/5] rescanning the unchanged archive (incremental)")
     second = run_screen(scfg)
+    from kneescreen.report import build_report
+
+    report = build_report(scfg.output, str(root / "report"))
     print()
     print("kneescreen demo summary")
     print(f"  archive    {synth['images']} synthetic images + {synth['planted_bad']} planted bad objects -> {root / 'archive'}")
@@ -75,6 +79,7 @@ def run_demo(out: str = "demo-out", n: int = 200, dev_set: str | None = None, ep
     print(f"  rescan     run {second['run_id']}: listed {c2['listed']}, already screened {c2['already_screened']}, "
           f"screened {c2['screened']} in {second['timing_s']['total']:.1f}s")
     print(f"  outputs    {root / 'screening'}/ predictions/, stats/, runs/  (query: docs/queries.md)")
+    print(f"  report     {report}")
     print(f"  took       {time.perf_counter() - t0:.0f}s")
     ok = c["listed"] == synth["images"] + synth["planted_bad"] and c2["screened"] == 0
     return 0 if ok else 1

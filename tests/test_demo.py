@@ -18,4 +18,5 @@ def test_demo_runs_and_prints_summary(ray_local, tmp_path, capsys):
     assert rc == 0, text
     assert "kneescreen demo summary" in text and "screened 0" in text
     assert (out / "bundle" / "manifest.json").exists()
+    assert (out / "report" / "report.html").exists() and "report.html" in text
     assert len(list((out / "screening" / "runs").glob("*.json"))) == 2

@@ -1,0 +1,37 @@
+"""Render bench/results/cv_dev.json as the markdown table in docs/results.md.
+
+Usage: .venv/bin/python bench/cv_table.py bench/results/cv_dev.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def ci(r: dict, k: str) -> str:
+    v, lo, hi = r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi")
+    if v is None:
+        return "n/a"
+    return f"{v:.2f} ({lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else f"{v:.2f}"
+
+
+def main(path: str) -> int:
+    res = json.load(open(path))
+    print(f"n = {res['n']} images, {res['folds']} folds, class counts {res['class_counts']}\n")
+    print("| predictor | balanced accuracy | macro-F1 | accuracy | osteoporosis-vs-rest AUC | low-BMD sensitivity | low-BMD specificity | Brier |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in res["predictors"].items():
+        op = r["per_class"]["osteoporosis"]
+        low = r.get("low_bmd")
+        print(f"| {name} | {ci(r, 'balanced_accuracy')} | {ci(r, 'macro_f1')} | {ci(r, 'accuracy')} | {ci(op, 'auc')} | "
+              f"{ci(low, 'sensitivity') if low else 'n/a'} | {ci(low, 'specificity') if low else 'n/a'} | {r['brier']:.3f} |")
+    for name, r in res["predictors"].items():
+        if r.get("by_age_band"):
+            print(f"\n{name} accuracy by age band: " + ", ".join(
+                f"{b}: {v['accuracy']:.2f} (n={v['n']})" for b, v in r["by_age_band"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))
