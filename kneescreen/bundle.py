@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kneescreen import storage
-from kneescreen.covariates import LogisticModel, covariate_features, stack_features
+from kneescreen.covariates import LogisticModel, ProductStacker, covariate_features
 from kneescreen.errors import KneescreenError
 from kneescreen.fusion import apply_temperature, fuse
 from kneescreen.labels import CLASSES
@@ -90,7 +90,7 @@ class Bundle:
         cov = manifest.get("covariates")
         self.covariate_model = LogisticModel.from_dict(cov["model"]) if cov else None
         st = manifest.get("stacker")
-        self.stacker = LogisticModel.from_dict(st["model"]) if st else None
+        self.stacker = ProductStacker.from_dict(st["model"]) if st else None
 
     @property
     def sizes(self) -> list[int]:
@@ -129,7 +129,7 @@ class Bundle:
             sexes = [None] * n if sexes is None else list(sexes)
             cov = self.manifest["covariates"]
             x, imputed = covariate_features(ages, sexes, cov["age_mean"], cov["age_sd"])
-            fused = self.stacker.predict_proba(stack_features(image_probs, x))
+            fused = self.stacker.predict_proba(self.covariate_model.predict_proba(x), image_probs)
             # Missing age or sex: fall back to the image ensemble for that row (flagged).
             use = ~imputed
             probs[use] = fused[use]

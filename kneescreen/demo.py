@@ -58,6 +58,7 @@ def run_demo(out: str = "demo-out", n: int = 200, dev_set: str | None = None, ep
     second = run_screen(scfg)
     from kneescreen.report import build_report
 
+    _logger.info("[5/5] writing the report")
     report = build_report(scfg.output, str(root / "report"))
     print()
     print("kneescreen demo summary")

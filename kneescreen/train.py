@@ -309,7 +309,7 @@ def fit_ensemble(members: list[MemberSpec], states: list[dict], val: dict, train
         The manifest body (without files/version), ready for `save_bundle`.
     """
     from kneescreen.bundle import Bundle
-    from kneescreen.covariates import LogisticModel, covariate_features, stack_features
+    from kneescreen.covariates import LogisticModel, ProductStacker, covariate_features
     from kneescreen.fusion import apply_temperature, choose_threshold, fit_temperature, fit_weights, fuse
     from kneescreen.models import create_model
 
@@ -340,15 +340,16 @@ def fit_ensemble(members: list[MemberSpec], states: list[dict], val: dict, train
         cw = counts.sum() / (len(CLASSES) * np.maximum(counts, 1))
         cov = LogisticModel(l2=1e-2).fit(x_tr, train["label"], len(CLASSES), class_weight=cw)
         x_val, imp_val = covariate_features(val["age"], val["sex"], age_mean, age_sd)
-        stacker = LogisticModel(l2=5e-2).fit(stack_features(image_probs, x_val), y, len(CLASSES), class_weight=cw)
+        p_cov_val = cov.predict_proba(x_val)
+        stacker = ProductStacker().fit(p_cov_val, image_probs, y)
         manifest["covariates"] = {"model": cov.to_dict(), "age_mean": age_mean, "age_sd": age_sd,
                                   "features": ["age_z", "female", "age_missing", "sex_missing"]}
-        manifest["stacker"] = {"model": stacker.to_dict(), "inputs": ["log_image_probs", "covariates"],
+        manifest["stacker"] = {"model": stacker.to_dict(), "inputs": ["covariate_model_probs", "image_ensemble_probs"],
                                "fit_on": "validation"}
         manifest["predictor"] = "fused"
         # Thresholds are set on the stacker's own validation output (in-sample for the stacker:
         # honest evaluation of the fused model happens on the test split / CV folds).
-        fused = stacker.predict_proba(stack_features(image_probs, x_val))
+        fused = stacker.predict_proba(p_cov_val, image_probs)
         final_probs = np.where(imp_val[:, None], image_probs, fused)
     manifest["inputs"] = ["image"] + (["age", "sex"] if manifest["predictor"] == "fused" else [])
 
@@ -366,7 +367,7 @@ def fit_ensemble(members: list[MemberSpec], states: list[dict], val: dict, train
     per = {f"member:{m.name}": p for m, p in zip(members, probs)}
     per[f"image_ensemble:{cfg.fusion}"] = image_probs
     if manifest["predictor"] == "fused":
-        per["covariates_only"] = cov.predict_proba(x_val)
+        per["covariates_only"] = p_cov_val
         per["fused"] = final_probs
     manifest["predictor_thresholds"] = {name: threshold(p[:, 1] + p[:, 2], y >= 1)["threshold"] for name, p in per.items()}
     return manifest

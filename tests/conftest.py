@@ -145,7 +145,7 @@ def tiny_bundle(tmp_path_factory):
         "fusion": {"method": "soft", "weights": None}, "predictor": "fused", "inputs": ["image", "age", "sex"],
         "covariates": {"model": LogisticModel().fit(rng.normal(size=(30, 4)), rng.integers(0, 3, 30), 3).to_dict(),
                        "age_mean": 65.0, "age_sd": 12.0},
-        "stacker": {"model": LogisticModel().fit(rng.normal(size=(30, 7)), rng.integers(0, 3, 30), 3).to_dict()},
+        "stacker": {"model": {"kind": "product", "beta": 0.5, "bias": [0.0, 0.1, -0.1]}},
         "thresholds": {"low_bmd": {"threshold": 0.6}, "osteoporosis": {"threshold": 0.3}},
     }
     out = tmp_path_factory.mktemp("bundle")
