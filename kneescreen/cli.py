@@ -150,7 +150,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--members", default="efficientnet_lite0:gray",
                    help="comma list of architecture:input_mode (see `kneescreen.models.list_models()`)")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | path/s3 URI to an ImageNet state dict")
-    p.add_argument("--image-size", type=int, default=None, help="override every member's input size")
+    p.add_argument("--image-size", type=int, default=160,
+                   help="every member's input size; 160 trains in minutes on a CPU (docs/results.md), "
+                        "0 = each architecture's native size (224-299), the better choice on GPUs")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -181,7 +183,7 @@ def train_config_from_args(args: argparse.Namespace):
         if (mode or "gray") not in ("gray", "rgb"):
             raise KneescreenError(f"--members: input mode must be gray or rgb, not {mode!r}")
         weights = None if args.weights == "none" else args.weights
-        members.append(MemberSpec(arch, mode or "gray", weights, args.image_size))
+        members.append(MemberSpec(arch, mode or "gray", weights, args.image_size or None))
     return TrainConfig(
         members=tuple(members), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
         num_workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, seed=args.seed,

@@ -48,7 +48,9 @@ class MemberSpec:
 class TrainConfig:
     """Training defaults; the CLI flags and ``--config`` YAML map onto these fields."""
 
-    members: tuple[MemberSpec, ...] = (MemberSpec("efficientnet_lite0", "gray"),)
+    # The default model: EfficientNet-Lite0 (offline ImageNet weights), gray input, 160 px: the
+    # best image member found that trains on a 2-core CPU in minutes (docs/results.md).
+    members: tuple[MemberSpec, ...] = (MemberSpec("efficientnet_lite0", "gray", "imagenet", 160),)
     epochs: int = 15
     batch_size: int = 16
     lr: float = 1e-3
