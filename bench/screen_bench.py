@@ -123,10 +123,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=160, help="model input size")
     p.add_argument("--image-side", type=int, default=256, help="synthetic radiograph side")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--actor-cpus", type=int, default=1)
+    p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--out", default="bench/results/screen.json")
     args = p.parse_args(argv)
     work = tempfile.mkdtemp(prefix="screen-bench-")
-    res = {"cpus": os.cpu_count(), "batch": args.batch, "model": "efficientnet_lite0 gray", "input_size": args.size}
+    res = {"cpus": os.cpu_count(), "batch": args.batch, "model": "efficientnet_lite0 gray", "input_size": args.size,
+           "actor_cpus": args.actor_cpus, "decode_batch": args.decode_batch}
     try:
         make_bundle(f"{work}/bundle", args.size)
         for n in (args.small, args.large):
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
                                                           os.cpu_count() or 1), 2)
         for label, n in (("small", args.small), ("large", args.large)):
             cfg = ScreenConfig(input=f"{work}/a{n}/images", output=f"{work}/out{n}", bundle=f"{work}/bundle",
-                               batch_size=args.batch)
+                               batch_size=args.batch, actor_cpus=args.actor_cpus, decode_batch_size=args.decode_batch)
             with PeakRSS() as mem:
                 full = run_screen(cfg)
             t0 = time.perf_counter()

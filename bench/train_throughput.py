@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from kneescreen.models import create_model, get_spec, list_models  # noqa: E402
 
 
-def bench(name: str, batch: int, steps: int, device: str, bf16: bool, mode: str = "gray") -> float:
-    size = get_spec(name).input_size
+def bench(name: str, batch: int, steps: int, device: str, bf16: bool, mode: str = "gray", size: int | None = None) -> float:
+    size = size or get_spec(name).input_size
     model = create_model(name, 3, mode, weights=None).to(device)
     x = torch.rand(batch, 1 if mode == "gray" else 3, size, size, device=device)
     if device == "cuda":
@@ -57,16 +57,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--size", type=int, default=None, help="override every member's input size")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for name in args.members.split(","):
-        row = {"member": name, "input_size": get_spec(name).input_size, "device": device,
+        row = {"member": name, "input_size": args.size or get_spec(name).input_size, "device": device,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "batch": args.batch,
                "torch": torch.__version__}
-        row["images_per_s_fp32"] = round(bench(name, args.batch, args.steps, device, False), 1)
+        row["images_per_s_fp32"] = round(bench(name, args.batch, args.steps, device, False, size=args.size), 1)
         if device == "cuda":
-            row["images_per_s_bf16"] = round(bench(name, args.batch, args.steps, device, True), 1)
+            row["images_per_s_bf16"] = round(bench(name, args.batch, args.steps, device, True, size=args.size), 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.out:

@@ -56,6 +56,9 @@ class ScreenConfig:
     # Decode tasks take small batches so one slow (large) file does not hold many others.
     decode_batch_size: int = 8
     actors: int = 1  # inference actors; on a GPU cluster: one per GPU
+    # CPUs (and torch threads) per CPU inference actor. Ray starts 1-CPU actors with one torch
+    # thread; on CPU nodes give the actor more so inference is not the single-threaded bottleneck.
+    actor_cpus: int = 1
     use_gpu: bool = False
     body_part_policy: str = "skip"  # skip | keep: non-knee DICOM (BodyPartExamined) is skipped
     max_pixels: int = 64_000_000
@@ -164,9 +167,11 @@ def decode_batch(batch: dict, input_root: str, sizes: list[int], pseudo_key: byt
 class EnsemblePredictor:
     """Ray Data actor: builds the bundle's models once from the driver-verified payload."""
 
-    def __init__(self, payload, use_gpu: bool = False):
+    def __init__(self, payload, use_gpu: bool = False, threads: int = 1):
         import ray
         import torch
+
+        torch.set_num_threads(max(1, threads))
 
         from kneescreen.bundle import Bundle
         from kneescreen.models import create_model
@@ -396,8 +401,9 @@ def run_screen(cfg: ScreenConfig) -> dict:
                 "endpoint": cfg.endpoint})
             .map_batches(EnsemblePredictor, batch_size=cfg.batch_size,
                          compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                         fn_constructor_kwargs={"payload": payload, "use_gpu": cfg.use_gpu},
-                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=0 if cfg.use_gpu else 1)
+                         fn_constructor_kwargs={"payload": payload, "use_gpu": cfg.use_gpu,
+                                                "threads": cfg.actor_cpus},
+                         num_gpus=1 if cfg.use_gpu else 0, num_cpus=0 if cfg.use_gpu else cfg.actor_cpus)
             .map_batches(to_prediction_table, batch_format="numpy",
                          fn_kwargs={"run_id": run_id, "model_version": version, "screened_at": screened_at})
         )
