@@ -68,7 +68,7 @@ def run_inspect(targets: list[str], endpoint: str | None = None, out=None,
             if storage.is_s3(uri):
                 client = client or storage.s3_client(endpoint)
             data = storage.read_bytes(uri, endpoint, client=client)
-        except (OSError, Exception) as exc:  # noqa: BLE001 - unreadable object is a row, not a crash
+        except Exception as exc:  # noqa: BLE001 - an unreadable object is a row, not a crash
             row = dict.fromkeys(FIELDS)
             row.update(path=display, status="error", error_code="read_failed",
                        message=f"{type(exc).__name__}: {exc}"[:300])

@@ -161,8 +161,8 @@ def fig_roc_calibration(labelled):
             p, l, h = wilson(int(truth[m].sum()), int(m.sum()))
             xs.append(risk[m].mean())
             ys.append(p)
-            los.append(p - l)
-            his.append(h - p)
+            los.append(max(0.0, p - l))  # Wilson bounds can sit a rounding error past p
+            his.append(max(0.0, h - p))
             ns.append(int(m.sum()))
     ax2.errorbar(xs, ys, yerr=[los, his], fmt="o-", color="#333333", capsize=3)
     for x, yv, n in zip(xs, ys, ns):
@@ -218,7 +218,8 @@ def fig_trend(rows):
     marks = dict(zip(versions, "osD^v<>"))
     for i, r in enumerate(rows):
         if r["low_bmd_prevalence"] is not None:
-            ax1.errorbar(i, r["low_bmd_prevalence"], yerr=[[r["low_bmd_prevalence"] - r["ci_lo"]], [r["ci_hi"] - r["low_bmd_prevalence"]]],
+            ax1.errorbar(i, r["low_bmd_prevalence"], yerr=[[max(0.0, r["low_bmd_prevalence"] - r["ci_lo"])],
+                                                           [max(0.0, r["ci_hi"] - r["low_bmd_prevalence"])]],
                          fmt=marks[r["model_version"]], color="#d1495b" if r["drift"] else "#333333", capsize=3)
         if r["throughput"]:
             ax2.bar(i, r["throughput"], color="#4c9f70")

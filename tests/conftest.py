@@ -113,9 +113,13 @@ def train_archive(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """One local Ray instance for the in-process tests (small, like Ray's own shared fixture).
+    """A local Ray instance per test module (small, like Ray's own shared fixture).
+
+    Module-scoped so it is gone before the modules that start their own head nodes
+    (test_job_submit, test_multinode): two clusters on one machine contend for the dashboard
+    agent's default ports and the second head's job agent never comes up.
 
     Started after the S3 server so its workers inherit the endpoint and test credentials, the
     way cluster workers get them from their own environment (instance profile, IRSA)."""

@@ -25,14 +25,17 @@ def main(archive: str, work: str) -> int:
                       placement_strategy="SPREAD", storage_path=os.path.join(work, "runs"), name="multinode")
     run_train(archive, os.path.join(work, "bundle"), cfg)
     manifest = run_screen(ScreenConfig(input=os.path.join(archive, "images"), output=os.path.join(work, "out"),
-                                       bundle=os.path.join(work, "bundle"), batch_size=8, actors=2))
+                                       bundle=os.path.join(work, "bundle"), batch_size=8, actors=2,
+                                       # 2 actors x 2 CPUs cannot share a 3-CPU node: one per node.
+                                       actor_cpus=2))
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)
     tasks = list_tasks(limit=10000, detail=True)
     decode_nodes = {t.node_id for t in tasks if "_decode_task" in (t.name or "") and t.node_id}
-    actor_nodes = {a.node_id for a in list_actors(limit=1000, detail=True) if "EnsemblePredictor" in (a.class_name or "")}
+    actor_nodes = {a.node_id for a in list_actors(limit=1000, detail=True)
+                   if "EnsemblePredictor" in (a.class_name or "") and a.node_id}
     print(json.dumps({
         "nodes": sorted(n.node_id for n in list_nodes() if n.state == "ALIVE"),
-        "train_worker_nodes": sorted({a.node_id for a in workers}),
+        "train_worker_nodes": sorted({a.node_id for a in workers if a.node_id}),
         "screen_decode_task_nodes": sorted(decode_nodes),
         "screen_actor_nodes": sorted(actor_nodes),
         "screened": manifest["counts"]["screened"],

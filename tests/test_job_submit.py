@@ -51,7 +51,7 @@ def head_node(tmp_path):
 
 
 def _submit(address: str, env: dict, entrypoint: list[str], runtime_env: dict) -> subprocess.CompletedProcess:
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded 2-core CI machine can take minutes
     while True:  # the job agent comes up a few seconds after the head
         proc = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
                                "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint],

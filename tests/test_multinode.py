@@ -33,12 +33,12 @@ def test_work_lands_on_both_nodes(train_archive, tmp_path):
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     procs = [subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                               "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+                               "--num-cpus=3", "--include-dashboard=true", "--disable-usage-stats",
                                f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         time.sleep(8)
-        procs.append(subprocess.Popen([RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+        procs.append(subprocess.Popen([RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
                                        "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True))
         time.sleep(8)
@@ -49,7 +49,8 @@ def test_work_lands_on_both_nodes(train_archive, tmp_path):
         facts = json.loads(run.stdout.strip().splitlines()[-1])
         assert len(facts["nodes"]) == 2
         assert len(facts["train_worker_nodes"]) == 2  # one DDP worker per node (SPREAD)
-        assert len(set(facts["screen_decode_task_nodes"]) | set(facts["screen_actor_nodes"])) == 2
+        assert len(facts["screen_actor_nodes"]) == 2  # one inference actor per node
+        assert facts["screen_decode_task_nodes"]
         assert facts["screened"] == 48
     finally:
         for p in reversed(procs):
