@@ -3,7 +3,19 @@
 Usage: .venv/bin/python bench/screen_bench.py --small 150 --large 1500 --out bench/results/screen.json
 
 The ensemble is EfficientNet-Lite0 (gray, ImageNet backbone, untrained head) at 160 px in a real
-bundle: inference cost does not depend on how well the head was trained.
+bundle: inference cost does not depend on how well the head was trained. Everything below is
+measured in one invocation on the same machine:
+
+- model only: the bundle's own inference code on preloaded arrays, (a) one process with every
+  core as torch threads, (b) as many concurrent 1-thread processes as the pipeline has actors;
+- plain loop: one process reading, decoding and inferring batch by batch (no overlap);
+- pipeline: `run_screen` end to end (screening stage wall time, Ray Data and actor start-up
+  included) on both archives, and its marginal rate (large - small images over the difference
+  in wall time: the start-up cancels out);
+- memory: peak over the run of the summed PSS (shared pages such as the object store split
+  between the processes that map them) and, for comparison, the summed RSS (shared pages counted
+  once per process) of this process and all its descendants;
+- rescan: a second incremental run over the unchanged archive.
 """
 
 from __future__ import annotations
@@ -41,22 +53,35 @@ def make_bundle(path: str, size: int) -> None:
     save_bundle(path, manifest, [create_model("efficientnet_lite0", 3, "gray", "imagenet").state_dict()])
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (Linux smaps_rollup); 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class PeakRSS:
-    """Peak summed RSS of this process and all its descendants (Ray workers included)."""
+    """Peak summed PSS and RSS of this process and all its descendants (Ray workers included)."""
 
     def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self.peak_pss, self._stop = 0, 0, threading.Event()
 
     def _run(self):
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            rss = pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    rss += p.memory_info().rss
+                    pss += _pss(p.pid)
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(0.2)
 
     def __enter__(self):
@@ -87,6 +112,40 @@ def model_only(bundle_path: str, n: int, batch: int, threads: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
+def _model_only_worker(bundle_path, n, batch, threads, barrier, out):
+    import torch
+
+    from kneescreen.bundle import load_bundle
+
+    torch.set_num_threads(threads)
+    b = load_bundle(bundle_path)
+    size = b.sizes[0]
+    imgs = np.random.default_rng(0).integers(0, 255, (batch, size, size), dtype=np.uint8)
+    b.member_logits({size: imgs}, batch_size=batch)  # warm-up
+    barrier.wait()
+    t0, done = time.perf_counter(), 0
+    while done < n:
+        b.member_logits({size: imgs}, batch_size=batch)
+        done += batch
+    out.put(done / (time.perf_counter() - t0))
+
+
+def model_only_processes(bundle_path: str, n: int, batch: int, procs: int, threads: int) -> float:
+    """Summed rate of `procs` concurrent model-only processes (the pipeline's actor layout)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    ps = [ctx.Process(target=_model_only_worker, args=(bundle_path, n, batch, threads, barrier, out))
+          for _ in range(procs)]
+    for p in ps:
+        p.start()
+    rates = [out.get(timeout=600) for _ in ps]
+    for p in ps:
+        p.join()
+    return sum(rates)
+
+
 def plain_loop(bundle_path: str, archive: str, batch: int, threads: int) -> float:
     """Single process, batch by batch: read + decode a batch, then infer it. No overlap."""
     import torch
@@ -113,7 +172,9 @@ def plain_loop(bundle_path: str, archive: str, batch: int, threads: int) -> floa
 
 
 def main(argv=None) -> int:
-    from kneescreen.screen import ScreenConfig, run_screen
+    import ray
+
+    from kneescreen.screen import ScreenConfig, resolve_actors, run_screen
     from kneescreen.synth import SynthConfig, write_archive
     from kneescreen.train import ensure_ray
 
@@ -123,8 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=160, help="model input size")
     p.add_argument("--image-side", type=int, default=256, help="synthetic radiograph side")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--actors", type=int, default=None, help="default: the screening default for this cluster")
     p.add_argument("--actor-cpus", type=int, default=1)
-    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--decode-batch", type=int, default=32)
     p.add_argument("--out", default="bench/results/screen.json")
     args = p.parse_args(argv)
     work = tempfile.mkdtemp(prefix="screen-bench-")
@@ -135,12 +197,18 @@ def main(argv=None) -> int:
         for n in (args.small, args.large):
             write_archive(f"{work}/a{n}", SynthConfig(n=n, seed=1, size=args.image_side))
         ensure_ray()
-        res["model_only_images_per_s"] = round(model_only(f"{work}/bundle", 256, args.batch, os.cpu_count() or 1), 2)
-        res["plain_loop_images_per_s"] = round(plain_loop(f"{work}/bundle", f"{work}/a{args.small}/images", args.batch,
+        probe = ScreenConfig(input="", output="", bundle="", actors=args.actors, actor_cpus=args.actor_cpus)
+        actors = resolve_actors(probe, ray.cluster_resources())
+        res["actors"] = actors
+        res["model_only_images_per_s"] = round(model_only(f"{work}/bundle", 384, args.batch, os.cpu_count() or 1), 2)
+        res["model_only_actor_layout_images_per_s"] = round(model_only_processes(
+            f"{work}/bundle", 384, args.batch, actors, args.actor_cpus), 2)
+        res["plain_loop_images_per_s"] = round(plain_loop(f"{work}/bundle", f"{work}/a{args.large}/images", args.batch,
                                                           os.cpu_count() or 1), 2)
         for label, n in (("small", args.small), ("large", args.large)):
             cfg = ScreenConfig(input=f"{work}/a{n}/images", output=f"{work}/out{n}", bundle=f"{work}/bundle",
-                               batch_size=args.batch, actor_cpus=args.actor_cpus, decode_batch_size=args.decode_batch)
+                               batch_size=args.batch, actors=actors, actor_cpus=args.actor_cpus,
+                               decode_batch_size=args.decode_batch)
             with PeakRSS() as mem:
                 full = run_screen(cfg)
             t0 = time.perf_counter()
@@ -148,13 +216,20 @@ def main(argv=None) -> int:
             rescan_s = time.perf_counter() - t0
             res[label] = {"images": n, "pipeline_images_per_s": full["throughput_images_per_s"],
                           "full_scan_s": full["timing_s"]["total"], "screen_s": full["timing_s"]["screen"],
-                          "peak_rss_mb": round(mem.peak / 1e6, 1), "rescan_s": round(rescan_s, 2),
+                          "peak_rss_mb": round(mem.peak / 1e6, 1), "peak_pss_mb": round(mem.peak_pss / 1e6, 1),
+                          "rescan_s": round(rescan_s, 2),
                           "rescan_screened": again["counts"]["screened"],
                           "rescan_fraction_of_full": round(rescan_s / full["timing_s"]["total"], 4)}
             print(json.dumps({label: res[label]}), flush=True)
-        res["pipeline_vs_model_only"] = round(res["large"]["pipeline_images_per_s"] / res["model_only_images_per_s"], 3)
-        res["pipeline_vs_plain_loop"] = round(res["large"]["pipeline_images_per_s"] / res["plain_loop_images_per_s"], 3)
-        res["peak_memory_large_over_small"] = round(res["large"]["peak_rss_mb"] / res["small"]["peak_rss_mb"], 3)
+        sm, lg = res["small"], res["large"]
+        res["pipeline_marginal_images_per_s"] = round((lg["images"] - sm["images"]) / (lg["screen_s"] - sm["screen_s"]), 2)
+        for name, rate in (("pipeline", lg["pipeline_images_per_s"]),
+                           ("pipeline_marginal", res["pipeline_marginal_images_per_s"])):
+            res[f"{name}_vs_model_only"] = round(rate / res["model_only_images_per_s"], 3)
+            res[f"{name}_vs_model_only_actor_layout"] = round(rate / res["model_only_actor_layout_images_per_s"], 3)
+            res[f"{name}_vs_plain_loop"] = round(rate / res["plain_loop_images_per_s"], 3)
+        res["peak_rss_large_over_small"] = round(lg["peak_rss_mb"] / sm["peak_rss_mb"], 3)
+        res["peak_pss_large_over_small"] = round(lg["peak_pss_mb"] / sm["peak_pss_mb"], 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -112,8 +112,10 @@ def add_screen_args(p: argparse.ArgumentParser, mode_default: str = "incremental
     p.add_argument("--mode", choices=("incremental", "full"), default=mode_default,
                    help="incremental: skip (key, etag) already screened by this model version")
     p.add_argument("--batch-size", type=int, default=32, help="inference batch size per actor")
-    p.add_argument("--actors", type=int, default=1, help="inference actors (one per GPU on clusters)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="inference actors (default: one per GPU with --use-gpu, else one per 2 cluster CPUs)")
     p.add_argument("--actor-cpus", type=int, default=1, help="CPUs / torch threads per CPU inference actor")
+    p.add_argument("--decode-batch-size", type=int, default=32, help="images per decode task / block")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--body-part-policy", choices=("skip", "keep"), default="skip")
     p.add_argument("--max-pixels", type=int, default=64_000_000)
@@ -129,7 +131,7 @@ def run_screen_from_args(args: argparse.Namespace) -> int:
     cfg = ScreenConfig(
         input=args.input, output=args.output, bundle=args.bundle, reference=args.reference, metadata=args.metadata,
         include=tuple(args.include), exclude=tuple(args.exclude), mode=args.mode, batch_size=args.batch_size,
-        actors=args.actors, actor_cpus=args.actor_cpus, use_gpu=args.use_gpu, body_part_policy=args.body_part_policy,
+        actors=args.actors, actor_cpus=args.actor_cpus, decode_batch_size=args.decode_batch_size, use_gpu=args.use_gpu, body_part_policy=args.body_part_policy,
         max_pixels=args.max_pixels, endpoint=args.endpoint_url,
     )
     if args.dry_run:

@@ -1,7 +1,8 @@
 """Archive screening on Ray Data: per-image risk classes and confusion statistics in Parquet.
 
     list (driver, paged) -> diff against committed runs -> listing chunks (Parquet, scratch)
-      -> read_parquet -> decode + preprocess (CPU tasks; bad input -> error/skipped rows)
+      -> blocks of `decode_batch_size` rows -> decode + preprocess (CPU tasks; bad input ->
+         error/skipped rows)
       -> ensemble inference (ActorPoolStrategy: 1 GPU per actor on clusters, CPU actors here)
       -> postprocess (pure fn: schema.PREDICTIONS) -> write_parquet(predictions/...)
       -> stats (driver, this run's rows) -> runs/run_id=<r>.json (the commit, written last)
@@ -21,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -36,6 +37,7 @@ KNEE_BODY_PARTS = {"KNEE", "LEG", "LOWER LIMB", "LOWERLIMB", "EXTREMITY", "LOWER
 RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "OT", "DR", "PX"}
 DECODE_MEMORY = 512 * 1024**2
 LISTING_CHUNK = 5000  # listing rows per scratch Parquet file: bounded driver memory per page
+PREDICTION_FILE_ROWS = 20_000  # target rows per predictions Parquet file (a few MB)
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,14 @@ class ScreenConfig:
     # Inference batch: 32 keeps a CPU actor's working set (32 x 224^2 activations) in cache-
     # friendly sizes; on a GPU raise it (256+) until the GPU is busy.
     batch_size: int = 32
-    # Decode tasks take small batches so one slow (large) file does not hold many others.
-    decode_batch_size: int = 8
-    actors: int = 1  # inference actors; on a GPU cluster: one per GPU
+    # Rows per decode task (and per block streaming into the actors). Small enough that the
+    # first inference batch is ready soon after start and every actor has blocks to take; large
+    # enough that per-task overhead stays small next to decoding (bench/screen_bench.py).
+    decode_batch_size: int = 32
+    # Inference actors. None = one per GPU with use_gpu, else one 1-CPU actor per two cluster
+    # CPUs (the other half decodes). Two 1-thread processes out-infer one 2-thread process on
+    # CPUs (benchmarks.md); on a GPU cluster, one per GPU.
+    actors: int | None = None
     # CPUs (and torch threads) per CPU inference actor. Ray starts 1-CPU actors with one torch
     # thread; on CPU nodes give the actor more so inference is not the single-threaded bottleneck.
     actor_cpus: int = 1
@@ -154,10 +161,45 @@ def decode_batch(batch: dict, input_root: str, sizes: list[int], pseudo_key: byt
         for s in sizes:
             images[s].append(letterbox(image, s) if status == "ok" else np.zeros((s, s), np.uint8))
     out = {k: batch[k] for k in ("key", "etag", "size")}
-    out.update({k: np.asarray(v, dtype=object) if k not in ("age", "reference_t_score", "decode_ms")
-                else np.asarray([np.nan if x is None else x for x in v], dtype=float) for k, v in cols.items()})
+    out.update(cols)
     out.update({f"img_{s}": np.stack(v) for s, v in images.items()})
-    return out
+    return typed_table(out)
+
+
+def _column(values, field):
+    """One column's values -> an Arrow array of the field's type (NaN and None become null)."""
+    import pyarrow as pa
+
+    vals = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else v
+            for v in (values.tolist() if isinstance(values, np.ndarray) else list(values))]
+    if pa.types.is_boolean(field.type):
+        vals = [None if v is None else bool(v) for v in vals]
+    elif pa.types.is_string(field.type):
+        vals = [None if v is None else str(v) for v in vals]
+    return pa.array(vals, type=field.type)
+
+
+def typed_table(cols: dict):
+    """Stage output -> an Arrow table whose column types never depend on the values.
+
+    Every block between stages carries the same schema: a block whose error codes happen to be
+    all null must not reach an actor as a float column while the next one is a string column
+    (Ray Data cannot concatenate those into one batch). Scalar columns take their types from
+    `schema.PREDICTIONS`; `img_<size>` columns are uint8 tensors.
+    """
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from kneescreen.schema import PREDICTIONS
+
+    names, arrays = [], []
+    for name, values in cols.items():
+        names.append(name)
+        if name.startswith("img_"):
+            arrays.append(ArrowTensorArray.from_numpy(np.ascontiguousarray(values, dtype=np.uint8)))
+        else:
+            arrays.append(_column(values, PREDICTIONS.field(name)))
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +256,7 @@ class EnsemblePredictor:
             res["infer_ms"][idx] = per_image
         out = {k: v for k, v in batch.items() if not k.startswith("img_")}
         out.update(res)
-        return out
+        return typed_table(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,12 +279,8 @@ def to_prediction_table(batch: dict, run_id: str, model_version: str, screened_a
         elif field.name == "screened_at":
             vals = [screened_at] * n
         else:
-            raw = batch[field.name]
-            vals = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in raw.tolist()]
-            if pa.types.is_boolean(field.type):
-                vals = [None if v is None else bool(v) for v in vals]
-            elif pa.types.is_string(field.type):
-                vals = [None if v is None else str(v) for v in vals]
+            cols[field.name] = _column(batch[field.name], field)
+            continue
         cols[field.name] = pa.array(vals, type=field.type)
     return pa.Table.from_pydict(cols, schema=PREDICTIONS)
 
@@ -317,10 +355,12 @@ def stream_listing(cfg: ScreenConfig, run_id: str, done: set[bytes]) -> dict:
     counts = {"listed": 0, "already_done": 0, "to_screen": 0, "chunks": 0}
     schema = pa.schema([("key", pa.string()), ("etag", pa.string()), ("size", pa.int64())])
 
+    uris: list[str] = []
+
     def flush():
         if chunk:
-            _write_parquet(pa.Table.from_pylist(chunk, schema=schema),
-                           storage.join(scratch, f"listing-{counts['chunks']:06d}.parquet"), cfg.endpoint)
+            uris.append(storage.join(scratch, f"listing-{counts['chunks']:06d}.parquet"))
+            _write_parquet(pa.Table.from_pylist(chunk, schema=schema), uris[-1], cfg.endpoint)
             counts["chunks"] += 1
             chunk.clear()
 
@@ -337,10 +377,34 @@ def stream_listing(cfg: ScreenConfig, run_id: str, done: set[bytes]) -> dict:
     flush()
     counts["fingerprint"] = fp.hexdigest()[:32]
     counts["scratch"] = scratch
+    counts["chunk_uris"] = uris
     return counts
 
 
+def _read_listing_chunks(batch, endpoint: str | None = None):
+    """Ray Data task: scratch chunk URIs -> their listing rows (key, etag, size)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for uri in batch["chunk"].to_pylist():
+        fs, path = storage.arrow_filesystem(uri, endpoint)
+        tables.append(pq.read_table(path, filesystem=fs, partitioning=None))
+    return pa.concat_tables(tables)
+
+
 # ---------------------------------------------------------------------------------------------
+
+
+def resolve_actors(cfg: ScreenConfig, cluster: dict) -> int:
+    """The inference pool size: as configured, else sized from the cluster's resources."""
+    if cfg.actors is not None:
+        if cfg.actors < 1:
+            raise KneescreenError(f"--actors must be at least 1, not {cfg.actors}")
+        return cfg.actors
+    if cfg.use_gpu:
+        return max(1, int(cluster.get("GPU", 0)))
+    return max(1, int(cluster.get("CPU", 1)) // (2 * max(1, cfg.actor_cpus)))
 
 
 def new_run_id() -> str:
@@ -364,6 +428,9 @@ def run_screen(cfg: ScreenConfig) -> dict:
 
     if cfg.mode not in ("incremental", "full"):
         raise KneescreenError(f"--mode must be incremental or full, not {cfg.mode!r}")
+    for name in ("batch_size", "decode_batch_size", "actor_cpus"):
+        if getattr(cfg, name) < 1:
+            raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
     key = pseudonym_key(required=True)  # fail before any work if the secret is missing
     started = _dt.datetime.now(_dt.timezone.utc)
     run_id = new_run_id()
@@ -385,13 +452,22 @@ def run_screen(cfg: ScreenConfig) -> dict:
     written = 0
     if listing["to_screen"]:
         ensure_ray()
+        cfg = replace(cfg, actors=resolve_actors(cfg, ray.cluster_resources()))
+        _logger.info("run %s: %d inference actor(s) x %s", run_id, cfg.actors,
+                     "1 GPU" if cfg.use_gpu else f"{cfg.actor_cpus} CPU")
         payload = ray.put({"manifest": bundle.manifest, "states": [m.cpu().state_dict() for m in bundle.models]})
         reference = ray.put(load_side_table(cfg.reference, cfg.endpoint))
         metadata = ray.put(load_side_table(cfg.metadata, cfg.endpoint))
-        fs, scratch_path = storage.arrow_filesystem(listing["scratch"], cfg.endpoint)
         screened_at = _dt.datetime.now(_dt.timezone.utc)
         ds = (
-            ray.data.read_parquet(scratch_path, filesystem=fs)
+            # One row per scratch chunk, read by a plain task and split into decode-sized blocks.
+            # (read_parquet would spend seconds of start-up on file discovery and footers for a
+            # handful of small files, and would hand a whole chunk to a single decode task and
+            # then a single actor: no overlap between decode and inference, one busy actor.)
+            ray.data.from_items([{"chunk": uri} for uri in listing["chunk_uris"]])
+            .map_batches(_read_listing_chunks, batch_size=1, batch_format="pyarrow",
+                         fn_kwargs={"endpoint": cfg.endpoint})
+            .repartition(target_num_rows_per_block=cfg.decode_batch_size)
             # Decode tasks reserve memory (a 4k x 4k 16-bit radiograph peaks near 0.5 GB as float
             # arrays). The reservation also keeps Ray from fusing decode into the inference
             # actor, so decoding runs in parallel CPU tasks while the actor keeps inferring.
@@ -408,7 +484,9 @@ def run_screen(cfg: ScreenConfig) -> dict:
                          fn_kwargs={"run_id": run_id, "model_version": version, "screened_at": screened_at})
         )
         out_fs, out_path = storage.arrow_filesystem(pred_uri, cfg.endpoint)
-        ds.write_parquet(out_path, filesystem=out_fs)
+        # Blocks are small (decode_batch_size rows) for pipelining; files are not: analytics
+        # engines prefer fewer, larger Parquet files.
+        ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=PREDICTION_FILE_ROWS)
         table = pq.read_table(out_path, filesystem=out_fs, partitioning=None, schema=PREDICTIONS)
         written = table.num_rows
         if written != listing["to_screen"]:

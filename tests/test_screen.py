@@ -138,7 +138,9 @@ def test_crash_before_commit_then_rerun_and_rescan_are_exactly_once(ray_local, t
     archive.mkdir()
     for p in sorted((root / "images").rglob("*.dcm"))[:10]:
         (archive / p.name).write_bytes(p.read_bytes())
-    cfg = ScreenConfig(input=str(archive), output=str(tmp_path / "out"), bundle=tiny_bundle, batch_size=4)
+    # Blocks of 3 rows: several decode tasks and blocks per run, still one predictions file per run.
+    cfg = ScreenConfig(input=str(archive), output=str(tmp_path / "out"), bundle=tiny_bundle, batch_size=4,
+                       decode_batch_size=3, actors=2)
 
     def crash(*a, **k):
         raise RuntimeError("simulated crash after the predictions were written")
@@ -164,7 +166,8 @@ def test_crash_before_commit_then_rerun_and_rescan_are_exactly_once(ray_local, t
     assert not df.duplicated(["key", "etag", "model_version"]).any()
     listing = {(o.key, o.etag) for o in storage.list_objects(cfg.input)}
     assert listing <= set(zip(df["key"], df["etag"]))  # no gaps
-    assert len(list((tmp_path / "out" / "predictions").rglob("*.parquet"))) == 2  # orphan files were removed
+    # One file per committed run (10 then 2 rows; blocks coalesced), the orphan's file removed.
+    assert len(list((tmp_path / "out" / "predictions").rglob("*.parquet"))) == 2
     # The documented reader query returns one latest row per object.
     import duckdb
 
