@@ -52,12 +52,15 @@ class ReaderConfig:
         check_plausibility: refuse uniform images and decoder noise.
         min_neighbour_correlation: below this lag-1 pixel correlation an image is treated as
             noise. Radiographs sit above 0.9; white noise near 0.
+        hash_pixels: compute ``Radiograph.pixel_hash`` (duplicate audits need it; screening
+            does not, and on a full-resolution radiograph it costs as much as a fast decode).
     """
 
     max_pixels: int = 64_000_000
     multiframe: str = "first"
     check_plausibility: bool = True
     min_neighbour_correlation: float = 0.3
+    hash_pixels: bool = True
 
 
 @dataclass
@@ -97,7 +100,7 @@ class RadiographMeta:
 @dataclass
 class Radiograph:
     image: np.ndarray  # float32, HxW, [0, 1], bone bright
-    pixel_hash: str
+    pixel_hash: str | None  # None when ReaderConfig.hash_pixels is off
     meta: RadiographMeta
     warnings: list[str] = field(default_factory=list)
 
@@ -281,7 +284,7 @@ def _read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
         photometric="MONOCHROME2",
         bits_stored=8 if stored.dtype == np.uint8 else 16,
     )
-    return Radiograph(image=image, pixel_hash=pixel_hash(stored), meta=meta, warnings=notes)
+    return Radiograph(image=image, pixel_hash=pixel_hash(stored) if config.hash_pixels else None, meta=meta, warnings=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,12 +371,12 @@ def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
         bits = int(ds.get("BitsStored") or ds.BitsAllocated)
         _check_plausible(lum, config)
         image = np.clip(lum / (2**bits - 1), 0, 1).astype(np.float32)
-        return Radiograph(image=image, pixel_hash=pixel_hash(stored), meta=meta, warnings=notes)
+        return Radiograph(image=image, pixel_hash=pixel_hash(stored) if config.hash_pixels else None, meta=meta, warnings=notes)
     if stored.ndim != 2:
         raise DecodeError("pixel_header_mismatch", f"decoded pixel array has shape {stored.shape}, expected 2-D")
     _check_plausible(stored, config)
     image = _display(stored, ds, photometric)
-    return Radiograph(image=image, pixel_hash=pixel_hash(stored), meta=meta, warnings=notes)
+    return Radiograph(image=image, pixel_hash=pixel_hash(stored) if config.hash_pixels else None, meta=meta, warnings=notes)
 
 
 def _decode_pixels(ds, tsyntax: str | None) -> np.ndarray:

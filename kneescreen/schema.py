@@ -47,6 +47,7 @@ PREDICTIONS = pa.schema([
     pa.field("reference_t_score", pa.float64()),
     pa.field("decode_ms", pa.float64()),
     pa.field("infer_ms", pa.float64()),  # per image: batch inference time / batch size
+    pa.field("inferred_at", pa.timestamp("us", tz="UTC")),  # when this image's inference batch started
     pa.field("screened_at", pa.timestamp("us", tz="UTC")),
 ])
 

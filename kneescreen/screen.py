@@ -106,7 +106,7 @@ def decode_batch(batch: dict, input_root: str, sizes: list[int], pseudo_key: byt
     from kneescreen.privacy import pseudonymise
     from kneescreen.reader import ReaderConfig, read_radiograph
 
-    cfg = ReaderConfig(max_pixels=max_pixels)
+    cfg = ReaderConfig(max_pixels=max_pixels, hash_pixels=False)
     cols: dict[str, list] = {k: [] for k in (
         "status", "error_code", "message", "format", "patient_pseudo_id", "study_pseudo_id", "laterality", "view",
         "site", "manufacturer", "sex", "age", "age_band", "reference_label", "reference_t_score", "decode_ms")}
@@ -237,8 +237,9 @@ class EnsemblePredictor:
                "predicted_class": np.full(n, None, dtype=object), "risk_score": np.full(n, np.nan),
                "low_bmd_flag": np.full(n, None, dtype=object), "osteoporosis_flag": np.full(n, None, dtype=object),
                "predictor": np.full(n, None, dtype=object), "covariates_imputed": np.full(n, None, dtype=object),
-               "infer_ms": np.full(n, np.nan)}
+               "infer_ms": np.full(n, np.nan), "inferred_at": np.full(n, None, dtype=object)}
         if ok.any():
+            started = _dt.datetime.now(_dt.timezone.utc)
             t0 = time.perf_counter()
             idx = np.nonzero(ok)[0]
             ages = [None if np.isnan(a) else float(a) for a in batch["age"][idx]]
@@ -254,6 +255,7 @@ class EnsemblePredictor:
             res["predictor"][idx] = pred.predictor
             res["covariates_imputed"][idx] = pred.covariates_imputed
             res["infer_ms"][idx] = per_image
+            res["inferred_at"][idx] = started
         out = {k: v for k, v in batch.items() if not k.startswith("img_")}
         out.update(res)
         return typed_table(out)

@@ -94,6 +94,12 @@ def test_lossy_j2k_differs_from_lossless():
     assert _read("RG1_J2KI.dcm").pixel_hash != _read("RG1_J2KR.dcm").pixel_hash
 
 
+def test_hashing_can_be_turned_off_without_changing_the_image():
+    hashed, plain = _read("RG1_J2KR.dcm"), _read("RG1_J2KR.dcm", hash_pixels=False)
+    assert hashed.pixel_hash and plain.pixel_hash is None
+    np.testing.assert_array_equal(hashed.image, plain.image)
+
+
 def _as_bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)

@@ -66,6 +66,12 @@ def test_every_listed_object_yields_one_row_with_its_code(s3_screen):
     # PNG/JPEG rows have no header age/sex -> sidecar not given -> image-only fallback, flagged.
     raster = ok[ok["format"] != "dicom"]
     assert (raster["predictor"] == "image").all() and raster["covariates_imputed"].all()
+    # Inference timestamps fall inside the run; rows that never reached the model have none.
+    import pandas as pd
+
+    started, finished = pd.Timestamp(manifest["started_at"]), pd.Timestamp(manifest["finished_at"])
+    assert ok["inferred_at"].between(started, finished).all()
+    assert df.loc[df["status"] != "ok", "inferred_at"].isna().all()
 
 
 def test_outputs_match_the_schema_module(s3_screen):
