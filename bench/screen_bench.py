@@ -9,10 +9,11 @@ in one invocation on the same machine, after one unmeasured warm-up run of the p
 - rounds (default 3), each: model only = the bundle's own inference code on preloaded arrays,
   (a) one process with every core as torch threads, (b) as many concurrent 1-thread processes as
   the pipeline has actors; plain loop = one process reading, decoding and inferring batch by
-  batch (no overlap; 640 images); then the pipeline (`run_screen`) on the large archive: end to
-  end (screening stage wall time, Ray Data and actor start-up included) and its steady rate
-  (from the predictions' `inferred_at`: first to last inference batch). Ratios are per round,
-  then the median and range are reported;
+  batch (no overlap; 640 images); these baselines run before the first round and after each;
+  a round's pipeline run (`run_screen` on the large archive) is compared with the mean of the
+  baselines on either side. Pipeline rates: end to end (screening stage wall time, Ray Data and
+  actor start-up included) and steady (from the predictions' `inferred_at`: first to last
+  inference batch). Ratios are per round, then the median and range are reported;
 - memory: the small and the large archive again, peak over each run of the summed PSS (shared
   pages such as the object store split between the processes that map them) and the summed RSS
   (shared pages counted once per process) of this process and all its descendants;
@@ -227,14 +228,25 @@ def main(argv=None) -> int:
 
         # Warm-up (not measured): the first run of a Ray session brings up worker processes.
         screen(args.small, "warmup")
-        # Rates: rounds of (baselines, then the pipeline on the large archive), no memory sampler
+        # Rates: rounds of (pipeline on the large archive, then baselines), no memory sampler
         # running (reading /proc smaps of every process slows them). Shared cloud CPUs drift
-        # by tens of percent within minutes, so each round's ratios use that round's baselines.
+        # by tens of percent within minutes, so each round's ratios use the baselines measured
+        # right before and right after its pipeline run.
+        def baselines() -> dict:
+            return {"model_only": model_only(bundle, 384, args.batch, cores),
+                    "model_only_actor_layout": model_only_processes(bundle, 384, args.batch, actors,
+                                                                    args.actor_cpus),
+                    "plain_loop": plain_loop(bundle, f"{work}/a{args.large}/images", args.batch, cores, limit=640)}
+
+        after = baselines()
         for r in range(args.rounds):
-            rnd = {"model_only": model_only(bundle, 384, args.batch, cores),
-                   "model_only_actor_layout": model_only_processes(bundle, 384, args.batch, actors, args.actor_cpus),
-                   "plain_loop": plain_loop(bundle, f"{work}/a{args.large}/images", args.batch, cores, limit=640)}
+            # Baselines on both sides of the pipeline run; the round uses their mean.
+            before = after
             full = screen(args.large, f"rate{r}")
+            after = baselines()
+            rnd = {k: (before[k] + after[k]) / 2 for k in before}
+            rnd.update({f"{k}_before": before[k] for k in before})
+            rnd.update({f"{k}_after": after[k] for k in after})
             rnd["pipeline"] = full["throughput_images_per_s"]
             rnd["pipeline_steady"] = steady_rate(full["predictions"])
             rnd["start_up_and_drain_s"] = full["timing_s"]["screen"] - args.large / rnd["pipeline_steady"]
