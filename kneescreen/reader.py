@@ -163,10 +163,14 @@ def pixel_hash(stored: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _maybe_hash(stored: np.ndarray, config: ReaderConfig) -> str | None:
+    return pixel_hash(stored) if config.hash_pixels else None
+
+
 def _robust_window(x: np.ndarray) -> np.ndarray:
     # Subsample for speed: the percentiles of every 4th pixel of a radiograph are stable.
     sample = x[::4, ::4] if x.size > 1_000_000 else x
-    lo, hi = np.percentile(sample, [0.5, 99.5])
+    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
     if hi <= lo:
         lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
@@ -284,7 +288,7 @@ def _read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
         photometric="MONOCHROME2",
         bits_stored=8 if stored.dtype == np.uint8 else 16,
     )
-    return Radiograph(image=image, pixel_hash=pixel_hash(stored) if config.hash_pixels else None, meta=meta, warnings=notes)
+    return Radiograph(image=image, pixel_hash=_maybe_hash(stored, config), meta=meta, warnings=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,12 +375,12 @@ def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
         bits = int(ds.get("BitsStored") or ds.BitsAllocated)
         _check_plausible(lum, config)
         image = np.clip(lum / (2**bits - 1), 0, 1).astype(np.float32)
-        return Radiograph(image=image, pixel_hash=pixel_hash(stored) if config.hash_pixels else None, meta=meta, warnings=notes)
+        return Radiograph(image=image, pixel_hash=_maybe_hash(stored, config), meta=meta, warnings=notes)
     if stored.ndim != 2:
         raise DecodeError("pixel_header_mismatch", f"decoded pixel array has shape {stored.shape}, expected 2-D")
     _check_plausible(stored, config)
     image = _display(stored, ds, photometric)
-    return Radiograph(image=image, pixel_hash=pixel_hash(stored) if config.hash_pixels else None, meta=meta, warnings=notes)
+    return Radiograph(image=image, pixel_hash=_maybe_hash(stored, config), meta=meta, warnings=notes)
 
 
 def _decode_pixels(ds, tsyntax: str | None) -> np.ndarray:
@@ -482,11 +486,13 @@ def _display(stored: np.ndarray, ds, photometric: str) -> np.ndarray:
     voi_seq = ds.get("VOILUTSequence")
     centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     modality_out = apply_modality_lut(stored, ds)
-    x = modality_out.astype(np.float64, copy=False)
+    # float32 throughout: exact for stored values up to 2^24, and the model sees 8-bit input; a
+    # full-resolution radiograph in float64 doubles the memory traffic of every step below.
+    x = modality_out.astype(np.float32, copy=False)
     if voi_seq:
         # The VOI LUT indexes integer modality values; hand it integers, not floats.
         lut_in = modality_out if modality_out.dtype.kind in "iu" else np.rint(modality_out).astype(np.int64)
-        out = apply_voi(lut_in, ds, index=0).astype(np.float64)
+        out = apply_voi(lut_in, ds, index=0).astype(np.float32)
         bits = int(voi_seq[0].LUTDescriptor[2]) if "LUTDescriptor" in voi_seq[0] else 16
         image = np.clip(out / float(2**bits - 1), 0, 1)
     elif centre is not None and width is not None and _first(width) > 0:
@@ -512,13 +518,14 @@ def _window(x: np.ndarray, c: float, w: float, function: str) -> np.ndarray:
     """PS3.3 C.11.2.1.2 window, output scaled to [0, 1]."""
     function = function.upper()
     if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+        # Clipped exponent: float32 exp overflows past 88; the result is 0 or 1 either way.
+        return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - c) / w, -80.0, 80.0)))
     if function == "LINEAR_EXACT":
         return np.clip((x - c) / w + 0.5, 0, 1)
     if w < 1:
         w = 1.0
     if w == 1:
-        return (x > c - 0.5).astype(np.float64)
+        return (x > c - 0.5).astype(np.float32)
     return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
 
 

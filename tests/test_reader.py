@@ -137,6 +137,15 @@ def test_window_centre_width_is_applied():
     assert np.all(img[raw <= 499] == 0.0) and np.all(img[raw > 700] == 1.0)
 
 
+def test_narrow_sigmoid_window_saturates():
+    ds = pydicom.dcmread(FILES["MR_small.dcm"])
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 600, 2, "SIGMOID"  # most pixels 100s of widths away
+    raw = ds.pixel_array.astype(float) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    img = read_radiograph(_as_bytes(ds)).image
+    assert np.all(img[raw < 500] < 1e-6) and np.all(img[raw > 700] > 1 - 1e-6)
+    assert np.isfinite(img).all() and 0.0 < img[(raw > 598) & (raw < 602)].mean() < 1.0
+
+
 def test_rescale_slope_intercept_does_not_change_pixel_hash_but_feeds_display():
     ds = pydicom.dcmread(FILES["MR_small.dcm"])
     for tag in ("WindowCenter", "WindowWidth"):
