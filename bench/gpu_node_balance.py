@@ -47,15 +47,12 @@ def decode_rate(paths: list[str], procs: int) -> float:
 def gpu_rate(batch: int, n: int, device: str = "cuda") -> float:
     import torch
 
-    from kneescreen.bundle import Bundle
-    from kneescreen.models import create_model, normalisation
+    from screen_bench import bench_manifest
 
-    mean, std = normalisation("efficientnet_lite0", "gray")
-    manifest = {"version": "bench", "classes": ["normal", "osteopenia", "osteoporosis"],
-                "members": [{"architecture": "efficientnet_lite0", "input_mode": "gray", "image_size": 160,
-                             "mean": list(mean), "std": list(std), "temperature": 1.0}],
-                "fusion": {"method": "soft", "weights": None}, "predictor": "image", "inputs": ["image"],
-                "thresholds": {"low_bmd": {"threshold": 0.5}, "osteoporosis": {"threshold": 0.3}}}
+    from kneescreen.bundle import Bundle
+    from kneescreen.models import create_model
+
+    manifest = {**bench_manifest(160), "version": "bench"}
     model = create_model("efficientnet_lite0", 3, "gray", weights=None).to(device).eval()
     b = Bundle(manifest, [model], device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

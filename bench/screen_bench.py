@@ -34,25 +34,30 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 
 os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "benchmark-key-0123456789")
+
+
+def bench_manifest(size: int) -> dict:
+    """A one-member bundle manifest: EfficientNet-Lite0 gray at ``size`` px, soft fusion."""
+    from kneescreen.models import normalisation
+
+    mean, std = normalisation("efficientnet_lite0", "gray")
+    return {"classes": ["normal", "osteopenia", "osteoporosis"],
+            "members": [{"architecture": "efficientnet_lite0", "input_mode": "gray", "image_size": size,
+                         "mean": list(mean), "std": list(std), "temperature": 1.0, "weights_init": "imagenet"}],
+            "fusion": {"method": "soft", "weights": None}, "predictor": "image", "inputs": ["image"],
+            "thresholds": {"low_bmd": {"threshold": 0.5}, "osteoporosis": {"threshold": 0.3}}}
 
 
 def make_bundle(path: str, size: int) -> None:
     import torch
 
     from kneescreen.bundle import save_bundle
-    from kneescreen.models import create_model, normalisation
+    from kneescreen.models import create_model
 
     torch.manual_seed(0)
-    mean, std = normalisation("efficientnet_lite0", "gray")
-    manifest = {"classes": ["normal", "osteopenia", "osteoporosis"],
-                "members": [{"architecture": "efficientnet_lite0", "input_mode": "gray", "image_size": size,
-                             "mean": list(mean), "std": list(std), "temperature": 1.0, "weights_init": "imagenet"}],
-                "fusion": {"method": "soft", "weights": None}, "predictor": "image", "inputs": ["image"],
-                "thresholds": {"low_bmd": {"threshold": 0.5}, "osteoporosis": {"threshold": 0.3}}}
-    save_bundle(path, manifest, [create_model("efficientnet_lite0", 3, "gray", "imagenet").state_dict()])
+    save_bundle(path, bench_manifest(size), [create_model("efficientnet_lite0", 3, "gray", "imagenet").state_dict()])
 
 
 def _pss(pid: int) -> int:
@@ -74,6 +79,8 @@ class PeakRSS:
         self.peak, self.peak_pss, self._stop = 0, 0, threading.Event()
 
     def _run(self):
+        import psutil
+
         me = psutil.Process()
         while not self._stop.is_set():
             rss = pss = 0
@@ -96,7 +103,8 @@ class PeakRSS:
         self._t.join()
 
 
-def model_only(bundle_path: str, n: int, batch: int, threads: int) -> float:
+def model_only(bundle_path: str, n: int, batch: int, threads: int, start=None) -> float:
+    """Images/s of the bundle's inference on preloaded arrays (``start``: called after warm-up)."""
     import torch
 
     from kneescreen.bundle import load_bundle
@@ -106,6 +114,8 @@ def model_only(bundle_path: str, n: int, batch: int, threads: int) -> float:
     size = b.sizes[0]
     imgs = np.random.default_rng(0).integers(0, 255, (batch, size, size), dtype=np.uint8)
     b.member_logits({size: imgs}, batch_size=batch)  # warm-up
+    if start is not None:
+        start()
     t0 = time.perf_counter()
     done = 0
     while done < n:
@@ -115,21 +125,7 @@ def model_only(bundle_path: str, n: int, batch: int, threads: int) -> float:
 
 
 def _model_only_worker(bundle_path, n, batch, threads, barrier, out):
-    import torch
-
-    from kneescreen.bundle import load_bundle
-
-    torch.set_num_threads(threads)
-    b = load_bundle(bundle_path)
-    size = b.sizes[0]
-    imgs = np.random.default_rng(0).integers(0, 255, (batch, size, size), dtype=np.uint8)
-    b.member_logits({size: imgs}, batch_size=batch)  # warm-up
-    barrier.wait()
-    t0, done = time.perf_counter(), 0
-    while done < n:
-        b.member_logits({size: imgs}, batch_size=batch)
-        done += batch
-    out.put(done / (time.perf_counter() - t0))
+    out.put(model_only(bundle_path, n, batch, threads, start=barrier.wait))
 
 
 def model_only_processes(bundle_path: str, n: int, batch: int, procs: int, threads: int) -> float:

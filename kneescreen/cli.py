@@ -131,8 +131,9 @@ def run_screen_from_args(args: argparse.Namespace) -> int:
     cfg = ScreenConfig(
         input=args.input, output=args.output, bundle=args.bundle, reference=args.reference, metadata=args.metadata,
         include=tuple(args.include), exclude=tuple(args.exclude), mode=args.mode, batch_size=args.batch_size,
-        actors=args.actors, actor_cpus=args.actor_cpus, decode_batch_size=args.decode_batch_size, use_gpu=args.use_gpu, body_part_policy=args.body_part_policy,
-        max_pixels=args.max_pixels, endpoint=args.endpoint_url,
+        actors=args.actors, actor_cpus=args.actor_cpus, decode_batch_size=args.decode_batch_size,
+        use_gpu=args.use_gpu, body_part_policy=args.body_part_policy, max_pixels=args.max_pixels,
+        endpoint=args.endpoint_url,
     )
     if args.dry_run:
         print(json.dumps(asdict(cfg), indent=2))

@@ -272,18 +272,8 @@ def to_prediction_table(batch: dict, run_id: str, model_version: str, screened_a
     from kneescreen.schema import PREDICTIONS
 
     n = len(batch["key"])
-    cols = {}
-    for field in PREDICTIONS:
-        if field.name == "run_id":
-            vals = [run_id] * n
-        elif field.name == "model_version":
-            vals = [model_version] * n
-        elif field.name == "screened_at":
-            vals = [screened_at] * n
-        else:
-            cols[field.name] = _column(batch[field.name], field)
-            continue
-        cols[field.name] = pa.array(vals, type=field.type)
+    run = {"run_id": run_id, "model_version": model_version, "screened_at": screened_at}
+    cols = {f.name: _column([run[f.name]] * n if f.name in run else batch[f.name], f) for f in PREDICTIONS}
     return pa.Table.from_pydict(cols, schema=PREDICTIONS)
 
 
@@ -354,16 +344,15 @@ def stream_listing(cfg: ScreenConfig, run_id: str, done: set[bytes]) -> dict:
     scratch = storage.join(cfg.output, "_scratch", f"run_id={run_id}")
     fp = hashlib.sha256()
     chunk: list[dict] = []
-    counts = {"listed": 0, "already_done": 0, "to_screen": 0, "chunks": 0}
+    counts = {"listed": 0, "already_done": 0, "to_screen": 0}
     schema = pa.schema([("key", pa.string()), ("etag", pa.string()), ("size", pa.int64())])
 
     uris: list[str] = []
 
     def flush():
         if chunk:
-            uris.append(storage.join(scratch, f"listing-{counts['chunks']:06d}.parquet"))
+            uris.append(storage.join(scratch, f"listing-{len(uris):06d}.parquet"))
             _write_parquet(pa.Table.from_pylist(chunk, schema=schema), uris[-1], cfg.endpoint)
-            counts["chunks"] += 1
             chunk.clear()
 
     for obj in storage.list_objects(cfg.input, cfg.include, cfg.exclude, cfg.endpoint):
@@ -401,8 +390,6 @@ def _read_listing_chunks(batch, endpoint: str | None = None):
 def resolve_actors(cfg: ScreenConfig, cluster: dict) -> int:
     """The inference pool size: as configured, else sized from the cluster's resources."""
     if cfg.actors is not None:
-        if cfg.actors < 1:
-            raise KneescreenError(f"--actors must be at least 1, not {cfg.actors}")
         return cfg.actors
     if cfg.use_gpu:
         return max(1, int(cluster.get("GPU", 0)))
@@ -430,8 +417,8 @@ def run_screen(cfg: ScreenConfig) -> dict:
 
     if cfg.mode not in ("incremental", "full"):
         raise KneescreenError(f"--mode must be incremental or full, not {cfg.mode!r}")
-    for name in ("batch_size", "decode_batch_size", "actor_cpus"):
-        if getattr(cfg, name) < 1:
+    for name in ("batch_size", "decode_batch_size", "actor_cpus", "actors"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
     key = pseudonym_key(required=True)  # fail before any work if the secret is missing
     started = _dt.datetime.now(_dt.timezone.utc)

@@ -34,10 +34,7 @@ def test_cpu_runs_leave_half_the_cpus_to_decoding():
 def test_non_positive_sizes_are_rejected_before_any_work(field, monkeypatch):
     monkeypatch.setenv("KNEESCREEN_PSEUDONYM_KEY", "test-key-0123456789abcdef")
     with pytest.raises(KneescreenError, match="must be at least 1"):
-        if field == "actors":
-            resolve_actors(_cfg(actors=0), {"CPU": 4})
-        else:
-            run_screen(_cfg(**{field: 0}))
+        run_screen(_cfg(**{field: 0}))
 
 
 def test_cli_exposes_pool_and_block_sizes(capsys):
