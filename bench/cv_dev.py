@@ -10,8 +10,8 @@ import logging
 import os
 import time
 
-from kneescreen.cv import run_cv
-from kneescreen.train import MemberSpec, TrainConfig
+from kneescreen.train.cv import run_cv
+from kneescreen.train.run import MemberSpec, TrainConfig
 
 
 def main(argv=None) -> int:

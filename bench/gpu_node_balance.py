@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 
 
 def _decode_files(paths: list[str]) -> int:
-    from kneescreen.preprocess import letterbox
-    from kneescreen.reader import ReaderConfig, read_radiograph
+    from kneescreen.data.preprocess import letterbox
+    from kneescreen.io.reader import ReaderConfig, read_radiograph
 
     cfg = ReaderConfig(hash_pixels=False)
     for p in paths:
@@ -46,11 +46,10 @@ def decode_rate(paths: list[str], procs: int) -> float:
 
 def gpu_rate(batch: int, n: int, device: str = "cuda") -> float:
     import torch
-
     from screen_bench import bench_manifest
 
-    from kneescreen.bundle import Bundle
-    from kneescreen.models import create_model
+    from kneescreen.model.bundle import Bundle
+    from kneescreen.model.registry import create_model
 
     manifest = {**bench_manifest(160), "version": "bench"}
     model = create_model("efficientnet_lite0", 3, "gray", weights=None).to(device).eval()
@@ -72,7 +71,7 @@ def gpu_rate(batch: int, n: int, device: str = "cuda") -> float:
 def main(argv=None) -> int:
     import torch
 
-    from kneescreen.synth import SynthConfig, write_archive
+    from kneescreen.data.synth import SynthConfig, write_archive
 
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=2000)

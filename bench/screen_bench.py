@@ -40,7 +40,7 @@ os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "benchmark-key-0123456789")
 
 def bench_manifest(size: int) -> dict:
     """A one-member bundle manifest: EfficientNet-Lite0 gray at ``size`` px, soft fusion."""
-    from kneescreen.models import normalisation
+    from kneescreen.model.registry import normalisation
 
     mean, std = normalisation("efficientnet_lite0", "gray")
     return {"classes": ["normal", "osteopenia", "osteoporosis"],
@@ -53,8 +53,8 @@ def bench_manifest(size: int) -> dict:
 def make_bundle(path: str, size: int) -> None:
     import torch
 
-    from kneescreen.bundle import save_bundle
-    from kneescreen.models import create_model
+    from kneescreen.model.bundle import save_bundle
+    from kneescreen.model.registry import create_model
 
     torch.manual_seed(0)
     save_bundle(path, bench_manifest(size), [create_model("efficientnet_lite0", 3, "gray", "imagenet").state_dict()])
@@ -107,7 +107,7 @@ def model_only(bundle_path: str, n: int, batch: int, threads: int, start=None) -
     """Images/s of the bundle's inference on preloaded arrays (``start``: called after warm-up)."""
     import torch
 
-    from kneescreen.bundle import load_bundle
+    from kneescreen.model.bundle import load_bundle
 
     torch.set_num_threads(threads)
     b = load_bundle(bundle_path)
@@ -148,21 +148,21 @@ def plain_loop(bundle_path: str, archive: str, batch: int, threads: int, limit: 
     """Single process, batch by batch: read + decode a batch, then infer it. No overlap."""
     import torch
 
-    from kneescreen import storage
-    from kneescreen.bundle import load_bundle
     from kneescreen.errors import DecodeError
-    from kneescreen.reader import ReaderConfig, read_radiograph
+    from kneescreen.io.reader import ReaderConfig, read_radiograph
+    from kneescreen.io.store import Store
+    from kneescreen.model.bundle import load_bundle
 
     torch.set_num_threads(threads)
     b = load_bundle(bundle_path)
-    keys = [o.uri for o in storage.list_objects(archive)][:limit]
+    keys = [o.uri for o in Store.resolve().list_objects(archive)][:limit]
     cfg = ReaderConfig(hash_pixels=False)  # as the pipeline reads
     t0 = time.perf_counter()
     for i in range(0, len(keys), batch):
         arrays = []
         for uri in keys[i : i + batch]:
             try:
-                arrays.append(b.prepare(read_radiograph(storage.read_bytes(uri), cfg).image)[b.sizes[0]])
+                arrays.append(b.prepare(read_radiograph(Store.resolve().read_bytes(uri), cfg).image)[b.sizes[0]])
             except DecodeError:
                 pass
         if arrays:
@@ -187,9 +187,10 @@ def steady_rate(predictions_uri: str) -> float:
 def main(argv=None) -> int:
     import ray
 
-    from kneescreen.screen import ScreenConfig, resolve_actors, run_screen
-    from kneescreen.synth import SynthConfig, write_archive
-    from kneescreen.train import ensure_ray
+    from kneescreen.data.synth import SynthConfig, write_archive
+    from kneescreen.screen.config import ScreenConfig
+from kneescreen.screen.pipeline import resolve_actors, run_screen
+    from kneescreen.train.run import ensure_ray
 
     p = argparse.ArgumentParser()
     p.add_argument("--small", type=int, default=150)

@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 
-from kneescreen.synth import SynthConfig, write_archive
+from kneescreen.data.synth import SynthConfig, write_archive
 
 
 def main(argv=None) -> int:

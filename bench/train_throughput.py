@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from kneescreen.models import create_model, get_spec, list_models  # noqa: E402
+from kneescreen.model.registry import create_model, get_spec, list_models  # noqa: E402
 
 
 def bench(name: str, batch: int, steps: int, device: str, bf16: bool, mode: str = "gray", size: int | None = None) -> float:

@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from kneescreen.models import get_spec
-    from kneescreen.train import MemberSpec, TrainConfig, ensure_ray, train_member
+    from kneescreen.model.registry import get_spec
+    from kneescreen.train.run import MemberSpec, TrainConfig, ensure_ray, train_member
 
     p = argparse.ArgumentParser()
     p.add_argument("--members", default="test_cnn,efficientnet_lite0,resnet18")

@@ -16,54 +16,51 @@ import logging
 import os
 import pathlib
 import time
+from dataclasses import dataclass
 
-from kneescreen.synth import SynthConfig, write_archive
+import pyarrow.dataset as pads
+
+from kneescreen._private.cluster import ensure_ray
+from kneescreen.config import opt
+from kneescreen.data.synth import SynthConfig, write_archive
+from kneescreen.io.privacy import ENV_KEY
+from kneescreen.report import build_report
+from kneescreen.screen.config import ScreenConfig
+from kneescreen.screen.pipeline import run_screen
+from kneescreen.train.config import TrainConfig
+from kneescreen.train.evaluate import format_table
+from kneescreen.train.run import run_train
 
 _logger = logging.getLogger(__name__)
 DEV_SET = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray-dev"
 DEMO_KEY = "kneescreen-demo-key-not-for-production"
 
 
-def run_demo(out: str = "demo-out", n: int = 200, dev_set: str | None = None, epochs: int = 8,
-             image_size: int = 160) -> int:
-    """Run the demo into ``out`` and print a summary. Returns an exit status."""
-    from kneescreen.evaluate import format_table
-    from kneescreen.screen import ScreenConfig, run_screen
-    from kneescreen.train import MemberSpec, TrainConfig, ensure_ray, run_train
+@dataclass(frozen=True)
+class DemoConfig:
+    """``kneescreen demo`` settings: everything has a default."""
 
-    t0 = time.perf_counter()
-    root = pathlib.Path(out).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    if not os.environ.get("KNEESCREEN_PSEUDONYM_KEY"):
-        _logger.warning("KNEESCREEN_PSEUDONYM_KEY not set: the demo uses a fixed demo key; "
-                        "production runs must set their own secret")
-        os.environ["KNEESCREEN_PSEUDONYM_KEY"] = DEMO_KEY
-    ensure_ray()
-    _logger.info("[1/5] synthesising %d knee radiographs (+ planted bad objects) into %s", n, root / "archive")
-    synth = write_archive(str(root / "archive"), SynthConfig(
-        n=n, seed=0, plant_bad=True, formats=("dicom", "dicom", "dicom", "png", "jpeg")))
-    dev = pathlib.Path(dev_set) if dev_set else DEV_SET
-    train_source = str(dev) if dev.is_dir() else str(root / "archive")
-    _logger.info("[2/5] training the default ensemble on %s", train_source)
-    cfg = TrainConfig(members=(MemberSpec("efficientnet_lite0", "gray", "imagenet", image_size),), epochs=epochs,
-                      patience=3, num_workers=1, cpus_per_worker=max(1, (os.cpu_count() or 2)),
-                      storage_path=str(root / "ray-train"), name="demo")
-    trained = run_train(train_source, str(root / "bundle"), cfg)
-    _logger.info("[3/5] screening %s", root / "archive" / "images")
-    scfg = ScreenConfig(input=str(root / "archive" / "images"), output=str(root / "screening"),
-                        bundle=str(root / "bundle"), reference=str(root / "archive" / "labels.csv"),
-                        metadata=str(root / "archive" / "labels.csv"))
-    first = run_screen(scfg)
-    _logger.info("[4/5] rescanning the unchanged archive (incremental)")
-    second = run_screen(scfg)
-    from kneescreen.report import build_report
+    out: str = opt("demo-out", "output folder")
+    n: int = opt(200, "synthetic archive size")
+    dev_set: str | None = opt(None, "labelled real knee X-rays (default ../shared/data/knee-xray-dev)")
+    epochs: int = opt(8, "training epochs")
+    image_size: int = opt(160, "member input size (160 keeps CPU training in minutes)")
 
-    _logger.info("[5/5] writing the report")
-    report = build_report(scfg.output, str(root / "report"))
+
+def _train(cfg: DemoConfig, root: pathlib.Path) -> tuple[str, TrainConfig, dict]:
+    dev = pathlib.Path(cfg.dev_set) if cfg.dev_set else DEV_SET
+    source = str(dev) if dev.is_dir() else str(root / "archive")
+    _logger.info("[2/5] training the default ensemble on %s", source)
+    tcfg = TrainConfig(data=source, out=str(root / "bundle"), epochs=cfg.epochs, image_size=cfg.image_size,
+                       patience=3, num_workers=1, cpus_per_worker=max(1, (os.cpu_count() or 2)), name="demo")
+    return source, tcfg, run_train(tcfg)
+
+
+def _print_summary(root, synth, source, tcfg, trained, first, second, report, t0) -> None:
     print()
     print("kneescreen demo summary")
     print(f"  archive    {synth['images']} synthetic images + {synth['planted_bad']} planted bad objects -> {root / 'archive'}")
-    print(f"  model      bundle {trained['version']} ({cfg.members[0].name}, {image_size}px) trained on {train_source}")
+    print(f"  model      bundle {trained['version']} ({tcfg.members[0]}, {tcfg.image_size}px) trained on {source}")
     print("  held-out test split of the training data:")
     for line in format_table(trained["test"]).splitlines():
         print("    " + line)
@@ -71,9 +68,8 @@ def run_demo(out: str = "demo-out", n: int = 200, dev_set: str | None = None, ep
     print(f"  screening  run {first['run_id']}: {c['listed']} objects -> ok {c['ok']}, error {c['error']}, "
           f"skipped {c['skipped']} ({first['throughput_images_per_s']} images/s)")
     print("             error codes: " + ", ".join(f"{k}={v}" for k, v in sorted(first["error_codes"].items())))
-    preds = _predictions_summary(scfg.output)
-    print(f"             predicted classes: {preds}")
-    if train_source != str(root / "archive"):
+    print(f"             predicted classes: {_predictions_summary(str(root / 'screening'))}")
+    if source != str(root / "archive"):
         print("             (the model learned real knee X-rays; the archive is synthetic, so agreement with its\n"
               "              reference labels says nothing about quality: docs/results.md has the real numbers)")
     c2 = second["counts"]
@@ -82,13 +78,36 @@ def run_demo(out: str = "demo-out", n: int = 200, dev_set: str | None = None, ep
     print(f"  outputs    {root / 'screening'}/ predictions/, stats/, runs/  (query: docs/queries.md)")
     print(f"  report     {report}")
     print(f"  took       {time.perf_counter() - t0:.0f}s")
-    ok = c["listed"] == synth["images"] + synth["planted_bad"] and c2["screened"] == 0
+
+
+def run_demo(cfg: DemoConfig = DemoConfig()) -> int:
+    """Run the demo into ``cfg.out`` and print a summary. Returns an exit status."""
+    t0 = time.perf_counter()
+    root = pathlib.Path(cfg.out).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get(ENV_KEY):
+        _logger.warning("%s not set: the demo uses a fixed demo key; production runs must set their own secret", ENV_KEY)
+        os.environ[ENV_KEY] = DEMO_KEY
+    ensure_ray()
+    _logger.info("[1/5] synthesising %d knee radiographs (+ planted bad objects) into %s", cfg.n, root / "archive")
+    synth = write_archive(str(root / "archive"), SynthConfig(
+        n=cfg.n, seed=0, plant_bad=True, formats=("dicom", "dicom", "dicom", "png", "jpeg")))
+    source, tcfg, trained = _train(cfg, root)
+    _logger.info("[3/5] screening %s", root / "archive" / "images")
+    scfg = ScreenConfig(input=str(root / "archive" / "images"), output=str(root / "screening"),
+                        bundle=str(root / "bundle"), reference=str(root / "archive" / "labels.csv"),
+                        metadata=str(root / "archive" / "labels.csv"))
+    first = run_screen(scfg)
+    _logger.info("[4/5] rescanning the unchanged archive (incremental)")
+    second = run_screen(scfg)
+    _logger.info("[5/5] writing the report")
+    report = build_report(scfg.output, str(root / "report"))
+    _print_summary(root, synth, source, tcfg, trained, first, second, report, t0)
+    ok = first["counts"]["listed"] == synth["images"] + synth["planted_bad"] and second["counts"]["screened"] == 0
     return 0 if ok else 1
 
 
 def _predictions_summary(output: str) -> str:
-    import pyarrow.dataset as pads
-
     t = pads.dataset(os.path.join(output, "predictions"), format="parquet", partitioning="hive").to_table(
         columns=["status", "predicted_class"]).to_pandas()
     counts = collections.Counter(t.loc[t["status"] == "ok", "predicted_class"])

@@ -32,3 +32,17 @@ def normalise_label(value: str) -> str:
     if v not in CLASS_INDEX:
         raise ValueError(f"unknown label {value!r}; expected one of {list(CLASSES)}")
     return v
+
+
+# Age bands for subgroup statistics and the image-vs-age check (evaluation and screening).
+AGE_BANDS = ((0, 50), (50, 60), (60, 70), (70, 80), (80, 200))
+
+
+def age_band(age) -> str | None:
+    """``"50-59"`` style band for an age in years; None when the age is missing."""
+    if age is None or (isinstance(age, float) and math.isnan(age)):
+        return None
+    for lo, hi in AGE_BANDS:
+        if lo <= age < hi:
+            return f"{lo}-{hi - 1}" if hi < 200 else f"{lo}+"
+    return None

@@ -74,6 +74,16 @@ def _f1s(cm: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
+def balanced_accuracy(y_true, y_pred, n_classes: int) -> float:
+    """Mean recall over the classes present in ``y_true`` (NaN when it is empty)."""
+    return _balanced_accuracy(confusion_matrix(y_true, y_pred, n_classes))
+
+
+def macro_f1(y_true, y_pred, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 (a class never true nor predicted scores 0)."""
+    return float(_f1s(confusion_matrix(y_true, y_pred, n_classes)).mean())
+
+
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
     """Top-label ECE with equal-width confidence bins."""
     conf = probs.max(1)

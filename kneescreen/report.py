@@ -19,32 +19,41 @@ import io
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
 
-from kneescreen import storage
+from kneescreen.config import opt
 from kneescreen.errors import KneescreenError
+from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES
-from kneescreen.metrics import binary_counts, roc_auc, wilson
+from kneescreen.metrics import binary_counts, confusion_matrix, roc_auc, wilson
+from kneescreen.screen.ledger import committed_runs
 
 _logger = logging.getLogger(__name__)
 COLOURS = {"normal": "#4c9f70", "osteopenia": "#f2b134", "osteoporosis": "#d1495b"}
 
 
-def load_output(output: str, endpoint: str | None = None):
+@dataclass(frozen=True)
+class ReportConfig:
+    """``kneescreen report`` settings."""
+
+    output: str = opt(help="the screening output root (folder or s3:// prefix)")
+    out: str = opt(help="local folder for report.html and the figures")
+    endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+
+
+def load_output(store: Store, output: str):
     """(runs, predictions of committed runs, stats of committed runs) as pandas frames."""
-    import pandas as pd
-    import pyarrow.dataset as pads
-
-    from kneescreen.screen import committed_runs
-
-    runs = committed_runs(output, endpoint)
+    runs = committed_runs(store, output)
     if not runs:
         raise KneescreenError(f"{output}: no committed screening runs (runs/*.json); run `kneescreen screen` first")
     ids = {r["run_id"] for r in runs}
     frames = {}
     for table in ("predictions", "stats"):
-        fs, path = storage.arrow_filesystem(storage.join(output, table), endpoint)
+        fs, path = store.filesystem(join(output, table))
         try:
             df = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
         except (FileNotFoundError, OSError):
@@ -109,8 +118,7 @@ def fig_confusion(labelled):
 
     y = labelled["reference_label"].map(CLASSES.index).to_numpy()
     p = labelled["predicted_class"].map(CLASSES.index).to_numpy()
-    cm = np.zeros((3, 3), int)
-    np.add.at(cm, (y, p), 1)
+    cm = confusion_matrix(y, p, len(CLASSES))
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(4.6, 4))
     ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
@@ -250,58 +258,36 @@ def _fmt(v, lo=None, hi=None) -> str:
     return f"{v:.2f} ({lo:.2f}-{hi:.2f})" if lo is not None and hi is not None else f"{v:.2f}"
 
 
-def build_report(output: str, out_dir: str, endpoint: str | None = None) -> str:
-    """Write report.html and the PNG figures into ``out_dir``; returns the HTML path."""
-    runs, pred, stats = load_output(output, endpoint)
-    os.makedirs(out_dir, exist_ok=True)
-    current = _latest_per_object(pred, runs) if len(pred) else pred
-    figures: list[tuple[str, str, bytes]] = []
-    sections: list[str] = []
-    ok = current[current["status"] == "ok"] if len(current) else current
-    if len(ok):
-        figures.append(("prevalence", "Risk class prevalence", fig_prevalence(current)))
-    labelled = ok[ok["reference_label"].notna()] if len(ok) else ok
-    table_html = ""
-    if len(labelled) >= 5:
-        png, _ = fig_confusion(labelled)
-        figures.append(("confusion", "Confusion matrix against reference labels", png))
-        figures.append(("roc_calibration", "ROC and calibration", fig_roc_calibration(labelled)))
-        trs = "".join(
-            f"<tr><td>{html.escape(r['target'])}</td><td>{r['tp']}</td><td>{r['fp']}</td><td>{r['fn']}</td><td>{r['tn']}</td>"
-            f"<td>{_fmt(r['sensitivity'], r['sensitivity_lo'], r['sensitivity_hi'])}</td>"
-            f"<td>{_fmt(r['specificity'], r['specificity_lo'], r['specificity_hi'])}</td>"
-            f"<td>{_fmt(r['ppv'], r['ppv_lo'], r['ppv_hi'])}</td><td>{_fmt(r['npv'], r['npv_lo'], r['npv_hi'])}</td>"
-            f"<td>{_fmt(r['f1'])}</td></tr>" for r in _metric_table(labelled))
-        table_html = ("<h2>Agreement with reference labels</h2><p>n = %d labelled images; 95%% Wilson intervals.</p>"
-                      "<table><tr><th>target</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>sensitivity</th>"
-                      "<th>specificity</th><th>PPV</th><th>NPV</th><th>F1</th></tr>%s</table>" % (len(labelled), trs))
-    if len(current) and (current["status"] != "ok").any():
-        figures.append(("errors", "Errors and skips", fig_errors(current)))
-    trend = trend_rows(runs, stats)
-    figures.append(("trend", "Trends across runs", fig_trend(trend)))
-    for name, _, data in figures:
-        storage.write_bytes(os.path.join(out_dir, f"{name}.png"), data)
-    drift = [r for r in trend if r["drift"]]
+def _agreement_table(labelled) -> str:
+    trs = "".join(
+        f"<tr><td>{html.escape(r['target'])}</td><td>{r['tp']}</td><td>{r['fp']}</td><td>{r['fn']}</td><td>{r['tn']}</td>"
+        f"<td>{_fmt(r['sensitivity'], r['sensitivity_lo'], r['sensitivity_hi'])}</td>"
+        f"<td>{_fmt(r['specificity'], r['specificity_lo'], r['specificity_hi'])}</td>"
+        f"<td>{_fmt(r['ppv'], r['ppv_lo'], r['ppv_hi'])}</td><td>{_fmt(r['npv'], r['npv_lo'], r['npv_hi'])}</td>"
+        f"<td>{_fmt(r['f1'])}</td></tr>" for r in _metric_table(labelled))
+    return ("<h2>Agreement with reference labels</h2><p>n = %d labelled images; 95%% Wilson intervals.</p>"
+            "<table><tr><th>target</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th><th>sensitivity</th>"
+            "<th>specificity</th><th>PPV</th><th>NPV</th><th>F1</th></tr>%s</table>" % (len(labelled), trs))
+
+
+def _summary(current, runs, trend) -> str:
     latest = runs[-1]
     summary = (f"<p><b>{len(current)}</b> objects in the archive's current state across <b>{len(runs)}</b> committed "
                f"run(s); latest run <code>{html.escape(latest['run_id'])}</code> with model "
                f"<code>{html.escape(latest['model_version'])}</code>: {json.dumps(latest['counts'])}.</p>")
+    drift = [r for r in trend if r["drift"]]
     if drift:
         summary += ("<p class='warn'>Drift: low-BMD prevalence moved beyond its 95% interval in run(s) "
                     + ", ".join(html.escape(r["run_id"]) for r in drift) + ".</p>")
-    for name, title, data in figures:
-        if name == "errors" and table_html:
-            sections.append(table_html)
-            table_html = ""
-        sections.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,"
-                        f"{base64.b64encode(data).decode()}'>")
-    if table_html:
-        sections.insert(1, table_html)
+    return summary
+
+
+def _document(output: str, summary: str, sections: list[str], trend: list[dict]) -> str:
     runs_rows = "".join(
         f"<tr><td>{html.escape(r['run_id'])}</td><td>{html.escape(r['model_version'])}</td><td>{r['screened']}</td>"
         f"<td>{_fmt(r['low_bmd_prevalence'], r['ci_lo'], r['ci_hi'])}</td><td>{r['throughput'] or ''}</td>"
         f"<td>{'yes' if r['drift'] else ''}</td></tr>" for r in trend)
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>kneescreen report</title>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>kneescreen report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1150px;margin:24px auto;color:#222;padding:0 16px}}
 h1{{font-size:22px}}h2{{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}}
 img{{max-width:100%}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
@@ -314,6 +300,39 @@ A screening flag is a prompt for DXA referral, not a diagnosis.</p>
 {''.join(sections)}
 <h2>Runs</h2><table><tr><th>run</th><th>model</th><th>screened</th><th>low-BMD prevalence (95% CI)</th><th>images/s</th><th>drift</th></tr>{runs_rows}</table>
 </body></html>"""
+
+
+def build_report(output: str, out_dir: str, store: Store | None = None) -> str:
+    """Write report.html and the PNG figures into the local folder ``out_dir``; returns the HTML path."""
+    runs, pred, stats = load_output(store or Store.resolve(), output)
+    os.makedirs(out_dir, exist_ok=True)
+    current = _latest_per_object(pred, runs) if len(pred) else pred
+    figures: list[tuple[str, str, bytes]] = []
+    ok = current[current["status"] == "ok"] if len(current) else current
+    if len(ok):
+        figures.append(("prevalence", "Risk class prevalence", fig_prevalence(current)))
+    labelled = ok[ok["reference_label"].notna()] if len(ok) else ok
+    table_html = ""
+    if len(labelled) >= 5:
+        figures.append(("confusion", "Confusion matrix against reference labels", fig_confusion(labelled)[0]))
+        figures.append(("roc_calibration", "ROC and calibration", fig_roc_calibration(labelled)))
+        table_html = _agreement_table(labelled)
+    if len(current) and (current["status"] != "ok").any():
+        figures.append(("errors", "Errors and skips", fig_errors(current)))
+    trend = trend_rows(runs, stats)
+    figures.append(("trend", "Trends across runs", fig_trend(trend)))
+    sections: list[str] = []
+    for name, title, data in figures:
+        with open(os.path.join(out_dir, f"{name}.png"), "wb") as fh:
+            fh.write(data)
+        if name == "errors" and table_html:
+            sections.append(table_html)
+            table_html = ""
+        sections.append(f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,"
+                        f"{base64.b64encode(data).decode()}'>")
+    if table_html:
+        sections.insert(1, table_html)
     path = os.path.join(out_dir, "report.html")
-    storage.write_bytes(path, doc.encode())
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(_document(output, _summary(current, runs, trend), sections, trend))
     return path

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-# A fixed pseudonym key for tests; production reads a secret (kneescreen.privacy).
+# A fixed pseudonym key for tests; production reads a secret (kneescreen.io.privacy).
 os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "test-only-key-0123456789abcdef")
 
 DEV_SET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "knee-xray-dev")
@@ -85,17 +85,17 @@ def s3_bucket(s3_server):
     """A fresh, empty bucket for one test."""
     import uuid
 
-    from kneescreen.storage import s3_client
+    from kneescreen.io.store import Store
 
     name = f"t-{uuid.uuid4().hex[:12]}"
-    s3_client().create_bucket(Bucket=name)
+    Store.resolve().client.create_bucket(Bucket=name)
     return name
 
 
 @pytest.fixture(scope="session")
 def small_archive(tmp_path_factory):
     """A 24-image synthetic DICOM/PNG/JPEG archive with planted bad files."""
-    from kneescreen.synth import SynthConfig, write_archive
+    from kneescreen.data.synth import SynthConfig, write_archive
 
     out = tmp_path_factory.mktemp("archive")
     summary = write_archive(str(out), SynthConfig(n=24, seed=3, size=128, formats=("dicom", "dicom", "png", "jpeg"),
@@ -106,7 +106,7 @@ def small_archive(tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_archive(tmp_path_factory):
     """A 48-image synthetic DICOM archive (24 patients) for training tests."""
-    from kneescreen.synth import SynthConfig, write_archive
+    from kneescreen.data.synth import SynthConfig, write_archive
 
     out = tmp_path_factory.mktemp("train-archive")
     write_archive(str(out), SynthConfig(n=48, seed=7, size=96, workers=1))
@@ -136,9 +136,10 @@ def tiny_bundle(tmp_path_factory):
     import numpy as np
     import torch
 
-    from kneescreen.bundle import save_bundle
-    from kneescreen.covariates import LogisticModel
-    from kneescreen.models import create_model
+    from kneescreen.model.bundle import save_bundle
+    from kneescreen.model.manifest import BundleManifest
+    from kneescreen.model.covariates import LogisticModel
+    from kneescreen.model.registry import create_model
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -153,5 +154,5 @@ def tiny_bundle(tmp_path_factory):
         "thresholds": {"low_bmd": {"threshold": 0.6}, "osteoporosis": {"threshold": 0.3}},
     }
     out = tmp_path_factory.mktemp("bundle")
-    save_bundle(str(out), manifest, [create_model("test_cnn", 3, "gray").state_dict()])
+    save_bundle(str(out), BundleManifest.from_dict(manifest), [create_model("test_cnn", 3, "gray").state_dict()])
     return str(out)

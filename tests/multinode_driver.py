@@ -17,13 +17,17 @@ def main(archive: str, work: str) -> int:
     import ray
     from ray.util.state import list_actors, list_nodes, list_tasks
 
-    from kneescreen.screen import ScreenConfig, run_screen
-    from kneescreen.train import MemberSpec, TrainConfig, ensure_ray, run_train
+    from kneescreen._private.cluster import ensure_ray
+    from kneescreen.screen.config import ScreenConfig
+    from kneescreen.screen.pipeline import run_screen
+    from kneescreen.train.config import TrainConfig
+    from kneescreen.train.run import run_train
 
     ensure_ray()
-    cfg = TrainConfig(members=(MemberSpec("test_cnn", "gray", None),), epochs=2, num_workers=2, cpus_per_worker=1,
-                      placement_strategy="SPREAD", storage_path=os.path.join(work, "runs"), name="multinode")
-    run_train(archive, os.path.join(work, "bundle"), cfg)
+    cfg = TrainConfig(data=archive, out=os.path.join(work, "bundle"), members=("test_cnn:gray",), weights="none",
+                      image_size=0, epochs=2, num_workers=2, cpus_per_worker=1, placement_strategy="SPREAD",
+                      storage_path=os.path.join(work, "runs"), name="multinode")
+    run_train(cfg)
     manifest = run_screen(ScreenConfig(input=os.path.join(archive, "images"), output=os.path.join(work, "out"),
                                        bundle=os.path.join(work, "bundle"), batch_size=8, actors=2,
                                        # 2 actors x 2 CPUs cannot share a 3-CPU node: one per node.

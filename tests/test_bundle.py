@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from kneescreen.bundle import load_bundle, save_bundle
 from kneescreen.errors import KneescreenError
-from kneescreen.models import create_model
+from kneescreen.model.bundle import load_bundle, save_bundle
+from kneescreen.model.manifest import BundleManifest
+from kneescreen.model.registry import create_model
 
 
-def _manifest() -> dict:
-    return {
+def _manifest() -> BundleManifest:
+    return BundleManifest.from_dict({
         "classes": ["normal", "osteopenia", "osteoporosis"],
         "members": [{"architecture": "test_cnn", "input_mode": "gray", "image_size": 64, "mean": [0.5],
                      "std": [0.25], "temperature": 1.5, "weights_init": None}],
         "fusion": {"method": "soft", "weights": None}, "predictor": "image", "inputs": ["image"],
         "thresholds": {"low_bmd": {"threshold": 0.5}, "osteoporosis": {"threshold": 0.3}},
-    }
+    })
 
 
 @pytest.fixture
@@ -77,7 +78,8 @@ class _Evil:
 def test_pickle_with_code_is_never_run(tmp_path, bundle_dir):
     """Even with consistent hashes (an attacker who rewrites the manifest), weights_only=True
     refuses a pickle that would run code."""
-    from kneescreen.bundle import _sha, _version
+    from kneescreen.model.bundle import _sha
+    from kneescreen.model.manifest import content_version as _version
 
     path, _, _ = bundle_dir
     f = next((path / "members").iterdir())
@@ -98,3 +100,52 @@ def test_pickle_with_code_is_never_run(tmp_path, bundle_dir):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(KneescreenError, match="no manifest.json"):
         load_bundle(str(tmp_path))
+
+
+def _rewrite(path, edit) -> None:
+    """Edit manifest.json and re-sign it (as an older or newer kneescreen would have written it)."""
+    from kneescreen.model.manifest import content_version
+
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    m["version"] = content_version(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_manifest_written_before_the_typed_manifest_loads(bundle_dir):
+    """Format-1 manifests from earlier releases carried explicit nulls and a 'created' stamp."""
+    path, _, state = bundle_dir
+
+    def old_style(m):
+        m["fusion"]["weights"] = None
+        m["members"][0]["weights_init"] = None
+        m["created"] = "2026-01-01T00:00:00Z"
+
+    _rewrite(path, old_style)
+    b = load_bundle(str(path))
+    assert b.manifest.fusion.weights is None and b.manifest.members[0].temperature == 1.5
+    assert b.predict({64: np.zeros((2, 64, 64), np.uint8)}).probs.shape == (2, 3)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(calibrator={"kind": "isotonic"}), r"unknown field\(s\) \['calibrator'\]"),
+    (lambda m: m.pop("thresholds"), "missing required field 'thresholds'"),
+    (lambda m: m["members"][0].update(image_size="64"), r"members\[0\]\.image_size: expected int"),
+    (lambda m: m.update(format="kneescreen-bundle/2"), "cannot read it"),
+])
+def test_manifest_this_version_cannot_read_fails_clearly(bundle_dir, edit, message):
+    path, _, _ = bundle_dir
+    _rewrite(path, edit)
+    with pytest.raises(KneescreenError, match=message):
+        load_bundle(str(path))
+
+
+def test_from_states_builds_the_same_models_as_load(bundle_dir):
+    from kneescreen.model.bundle import Bundle
+
+    path, _, state = bundle_dir
+    loaded = load_bundle(str(path))
+    built = Bundle.from_states(loaded.manifest, [state])
+    imgs = {64: np.random.default_rng(1).integers(0, 255, (4, 64, 64), dtype=np.uint8)}
+    np.testing.assert_allclose(built.predict(imgs).probs, loaded.predict(imgs).probs, rtol=1e-6)
+    assert built.version == loaded.version

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from kneescreen.covariates import LogisticModel, ProductStacker, covariate_features
+from kneescreen.model.covariates import (
+    LogisticModel,
+    ProductStacker,
+    covariate_features,
+)
 
 
 def test_features_impute_and_flag_missing():

@@ -8,14 +8,12 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
+from conftest import DEV_SET
 from PIL import Image
 
-from kneescreen.datasets import SplitConfig, audit_split, load_split, run_split
-from kneescreen.reader import read_radiograph
-
-from conftest import DEV_SET
+from kneescreen.data.datasets import SplitConfig, audit_split, load_split, run_split
+from kneescreen.io.reader import read_radiograph
 
 needs_dev = pytest.mark.skipif(not os.path.isdir(DEV_SET), reason="../shared/data/knee-xray-dev not present")
 
@@ -95,24 +93,24 @@ def test_audit_detects_a_leak():
 
 @pytest.mark.s3
 def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path):
-    from kneescreen import storage
+    from kneescreen.io.store import Store
 
     root, _ = small_archive
     labels = list(csv.DictReader(open(root / "labels.csv")))[:8]
     for r in labels:
-        storage.write_bytes(f"s3://{s3_bucket}/coll/images/{r['key']}", (root / "images" / r["key"]).read_bytes())
+        Store.resolve().write_bytes(f"s3://{s3_bucket}/coll/images/{r['key']}", (root / "images" / r["key"]).read_bytes())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(labels[0]))
     w.writeheader()
     w.writerows(labels)
-    storage.write_bytes(f"s3://{s3_bucket}/coll/labels.csv", buf.getvalue().encode())
+    Store.resolve().write_bytes(f"s3://{s3_bucket}/coll/labels.csv", buf.getvalue().encode())
     audit = run_split(f"s3://{s3_bucket}/coll/labels.csv", f"s3://{s3_bucket}/split", SplitConfig(folds=2))
     assert audit["summary"]["kept"] == 8 and audit["summary"]["leaks"] == 0
     assert len(load_split(f"s3://{s3_bucket}/split")) == 8
 
 
 def test_unknown_label_is_a_clear_error(tmp_path):
-    from kneescreen.datasets import load_collection
+    from kneescreen.data.datasets import load_collection
     from kneescreen.errors import KneescreenError
 
     (tmp_path / "labels.csv").write_text("key,label\na.png,broken-ish\n")

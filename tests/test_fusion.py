@@ -7,8 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from kneescreen.fusion import (apply_temperature, choose_threshold, fit_temperature, fit_weights, fuse,
-                               fuzzy_rank_scores)
+from kneescreen.model.fusion import (
+    apply_temperature,
+    choose_threshold,
+    fit_temperature,
+    fit_weights,
+    fuse,
+    fuzzy_rank_scores,
+)
 
 A = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
 B = np.array([[0.5, 0.4, 0.1], [0.1, 0.6, 0.3]])

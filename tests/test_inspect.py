@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import dicom_test_files
 
 from kneescreen.cli import main
-from kneescreen.inspect import run_inspect
-from kneescreen.storage import s3_client
-
-from conftest import dicom_test_files
+from kneescreen.io.inspect import run_inspect
+from kneescreen.io.store import Store
 
 FILES = dicom_test_files()
 
@@ -52,7 +51,7 @@ def test_cli_subprocess_exit_zero_even_with_bad_files(tmp_path):
 
 @pytest.mark.s3
 def test_inspect_s3_prefix_and_object(s3_bucket):
-    client = s3_client()
+    client = Store.resolve().client
     for name in ("MR_small.dcm", "MR_small_RLE.dcm", "rtplan.dcm"):
         client.put_object(Bucket=s3_bucket, Key=f"arch/{name}", Body=open(FILES[name], "rb").read())
     rows = _lines([f"s3://{s3_bucket}/arch/"])

@@ -14,11 +14,10 @@ import tempfile
 import time
 
 import pytest
-
-from kneescreen import storage
-from kneescreen.screen import committed_runs
-
 from conftest import _free_port
+
+from kneescreen.io.store import Store
+from kneescreen.screen.ledger import committed_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,7 +65,7 @@ def test_ray_job_submit_screens_s3_archive(head_node, s3_server, s3_bucket, smal
     address, env, token = head_node
     root, summary = small_archive
     for p in sorted(q for q in (root / "images").rglob("*") if q.is_file()):
-        storage.write_bytes(f"s3://{s3_bucket}/archive/{p.relative_to(root / 'images').as_posix()}", p.read_bytes())
+        Store.resolve().write_bytes(f"s3://{s3_bucket}/archive/{p.relative_to(root / 'images').as_posix()}", p.read_bytes())
     runtime_env = {
         "excludes": [".venv", ".git", "bench/results", "demo-out", "runs"],
         # Secrets and endpoints reach the job through its runtime environment, as on a cluster.
@@ -77,11 +76,11 @@ def test_ray_job_submit_screens_s3_archive(head_node, s3_server, s3_bucket, smal
     proc = _submit(address, env, ["python", "jobs/screen.py", "--input", f"s3://{s3_bucket}/archive",
                                   "--output", out, "--bundle", tiny_bundle, "--batch-size", "8"], runtime_env)
     assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, proc.stdout[-4000:] + proc.stderr[-2000:]
-    runs = committed_runs(out)
+    runs = committed_runs(Store.resolve(), out)
     assert len(runs) == 1 and runs[0]["counts"]["screened"] == summary["images"] + summary["planted_bad"]
     import pyarrow.parquet as pq
 
-    fs, path = storage.arrow_filesystem(runs[0]["predictions"])
+    fs, path = Store.resolve().filesystem(runs[0]["predictions"])
     table = pq.read_table(path, filesystem=fs, partitioning=None)
     assert table.num_rows == runs[0]["counts"]["listed"]
     # Token auth is really on: a client without the token is refused.

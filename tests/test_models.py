@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kneescreen.models import create_model, get_spec, list_models, normalisation
+from kneescreen.model.registry import create_model, get_spec, list_models, normalisation
 
 ALL = list_models()
 
@@ -50,7 +50,7 @@ def _grace_hopper(size: int) -> Image.Image:
 def test_lite_imagenet_weights_are_mapped_right(variant):
     """The packaged ImageNet weights load strictly and classify Grace Hopper's portrait as
     'military uniform' (ImageNet class 652), the classic sanity check for ported weights."""
-    from kneescreen.models._efficientnet_lite import build_lite
+    from kneescreen.model._efficientnet_lite import build_lite
 
     name = f"efficientnet_lite{variant}"
     model = build_lite(variant, pretrained=True).eval()
@@ -82,7 +82,7 @@ def test_state_dict_path_weights(tmp_path):
 
 
 def test_lite_block_table_matches_the_packaged_weights():
-    from kneescreen.models._efficientnet_lite import build_lite, lite_weights_path
+    from kneescreen.model._efficientnet_lite import build_lite, lite_weights_path
 
     for v in (0, 1, 2):
         sd = torch.load(lite_weights_path(v), map_location="cpu", weights_only=True)

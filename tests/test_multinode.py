@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

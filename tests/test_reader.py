@@ -7,12 +7,11 @@ import io
 import numpy as np
 import pydicom
 import pytest
+from conftest import dicom_test_files
 from PIL import Image
 
 from kneescreen.errors import ERROR_CODES, DecodeError
-from kneescreen.reader import ReaderConfig, read_radiograph
-
-from conftest import dicom_test_files
+from kneescreen.io.reader import ReaderConfig, read_radiograph
 
 FILES = dicom_test_files()
 
@@ -233,7 +232,7 @@ def test_uniform_and_noise_images_are_implausible():
 def test_decoder_is_pinned_to_pylibjpeg(monkeypatch):
     """With the pinned plugin unavailable, compressed DICOM fails loudly instead of silently
     switching to Pillow (which is installed and could decode JPEG baseline)."""
-    import kneescreen.reader as reader
+    import kneescreen.io.reader as reader
 
     monkeypatch.setattr(reader, "DICOM_DECODING_PLUGIN", "no-such-plugin")
     with pytest.raises(DecodeError) as info:

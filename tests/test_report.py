@@ -9,15 +9,17 @@ import subprocess
 import pytest
 
 from kneescreen.cli import main
+from kneescreen.io.store import Store
 from kneescreen.report import build_report, trend_rows
+from kneescreen.screen.config import ScreenConfig
+from kneescreen.screen.ledger import committed_runs
+from kneescreen.screen.pipeline import run_screen
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
 def screened(ray_local, small_archive, tiny_bundle, tmp_path_factory):
-    from kneescreen.screen import ScreenConfig, run_screen
-
     root, _ = small_archive
     out = tmp_path_factory.mktemp("screened")
     cfg = ScreenConfig(input=str(root / "images"), output=str(out / "o"), bundle=tiny_bundle,
@@ -35,17 +37,21 @@ def test_report_has_every_figure_and_the_metric_table(screened, tmp_path):
         assert f"alt='{name}'" in html
     assert len(re.findall(r"data:image/png;base64,", html)) == 5  # self-contained
     assert "Agreement with reference labels" in html and "sensitivity" in html
-    assert html.count("<tr><td>2026") + html.count("<tr><td>20") >= 2  # both runs listed
+    # The runs table lists each committed run once: the first screen and the rescan.
+    runs_table = html[html.index("<h2>Runs</h2>"):]
+    run_ids = [r["run_id"] for r in committed_runs(Store.resolve(), screened)]
+    assert len(run_ids) == 2
+    assert runs_table.count("<tr><td>") == 2 and all(f"<tr><td>{r}</td>" in runs_table for r in run_ids)
 
 
 def test_report_from_s3(screened, s3_bucket, tmp_path):
     import pathlib
 
-    from kneescreen import storage
+    from kneescreen.io.store import Store
 
     for p in pathlib.Path(screened).rglob("*"):
         if p.is_file():
-            storage.write_bytes(f"s3://{s3_bucket}/o/{p.relative_to(screened).as_posix()}", p.read_bytes())
+            Store.resolve().write_bytes(f"s3://{s3_bucket}/o/{p.relative_to(screened).as_posix()}", p.read_bytes())
     path = build_report(f"s3://{s3_bucket}/o", str(tmp_path))
     assert "Risk class prevalence" in open(path).read()
 

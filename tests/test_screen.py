@@ -11,10 +11,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from kneescreen import storage
-from kneescreen.screen import ScreenConfig, committed_runs, run_screen
-from kneescreen.schema import PREDICTIONS, STATS
-from kneescreen.synth import SynthConfig, draw_subjects
+from kneescreen.data.synth import SynthConfig, draw_subjects
+from kneescreen.io.store import Store, join, split_s3
+from kneescreen.screen.config import ScreenConfig
+from kneescreen.screen.ledger import committed_runs
+from kneescreen.screen.pipeline import run_screen
+from kneescreen.screen.schema import PREDICTIONS, STATS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -22,13 +24,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 def _upload(root: pathlib.Path, bucket: str, prefix: str) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            storage.write_bytes(f"s3://{bucket}/{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes())
+            Store.resolve().write_bytes(f"s3://{bucket}/{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes())
 
 
 def _predictions(output: str):
     """Committed prediction rows (joined with run manifests) as a pandas frame."""
-    runs = {r["run_id"] for r in committed_runs(output)}
-    fs, path = storage.arrow_filesystem(storage.join(output, "predictions"))
+    runs = {r["run_id"] for r in committed_runs(Store.resolve(), output)}
+    fs, path = Store.resolve().filesystem(join(output, "predictions"))
     t = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
     df = t.to_pandas()
     return df[df["run_id"].isin(runs)]
@@ -36,11 +38,11 @@ def _predictions(output: str):
 
 @pytest.fixture(scope="module")
 def s3_screen(ray_local, s3_server, small_archive, tiny_bundle):
-    from kneescreen.storage import s3_client
+    from kneescreen.io.store import Store
 
     root, _ = small_archive
     bucket = "screen-e2e"
-    s3_client().create_bucket(Bucket=bucket)
+    Store.resolve().client.create_bucket(Bucket=bucket)
     _upload(root, bucket, "archive")
     cfg = ScreenConfig(input=f"s3://{bucket}/archive/images", output=f"s3://{bucket}/out", bundle=tiny_bundle,
                        reference=f"s3://{bucket}/archive/labels.csv", batch_size=8)
@@ -51,7 +53,7 @@ def s3_screen(ray_local, s3_server, small_archive, tiny_bundle):
 def test_every_listed_object_yields_one_row_with_its_code(s3_screen):
     cfg, manifest, root = s3_screen
     df = _predictions(cfg.output)
-    listed = [o.key for o in storage.list_objects(cfg.input)]
+    listed = [o.key for o in Store.resolve().list_objects(cfg.input)]
     assert sorted(df["key"]) == sorted(listed) and manifest["counts"]["screened"] == len(listed)
     planted = {r["key"]: r["expected"] for r in csv.DictReader(open(root / "planted.csv"))}
     for key, expected in planted.items():
@@ -76,17 +78,17 @@ def test_every_listed_object_yields_one_row_with_its_code(s3_screen):
 
 def test_outputs_match_the_schema_module(s3_screen):
     cfg, manifest, _ = s3_screen
-    fs, path = storage.arrow_filesystem(manifest["predictions"])
+    fs, path = Store.resolve().filesystem(manifest["predictions"])
     assert pq.read_table(path, filesystem=fs, partitioning=None).schema.equals(PREDICTIONS)
-    uri = storage.join(cfg.output, "stats", f"model_version={manifest['model_version']}", f"run_id={manifest['run_id']}")
-    fs, path = storage.arrow_filesystem(uri)
+    uri = join(cfg.output, "stats", f"model_version={manifest['model_version']}", f"run_id={manifest['run_id']}")
+    fs, path = Store.resolve().filesystem(uri)
     assert pq.read_table(path, filesystem=fs, partitioning=None).schema.equals(STATS)
 
 
 def test_confusion_counts_equal_a_recomputation_from_rows(s3_screen):
     cfg, manifest, _ = s3_screen
     df = _predictions(cfg.output)
-    fs, path = storage.arrow_filesystem(storage.join(cfg.output, "stats"))
+    fs, path = Store.resolve().filesystem(join(cfg.output, "stats"))
     stats = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
     stats = stats[stats["run_id"] == manifest["run_id"]]
     ok = df[(df["status"] == "ok") & df["reference_label"].notna()]
@@ -107,7 +109,7 @@ def test_duckdb_reads_outputs_from_s3(s3_screen):
     import duckdb
 
     cfg, manifest, _ = s3_screen
-    fs, path = storage.arrow_filesystem(storage.join(cfg.output, "predictions"))
+    fs, path = Store.resolve().filesystem(join(cfg.output, "predictions"))
     con = duckdb.connect()
     con.register("predictions", pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive"))
     rows = con.execute("SELECT site, count(*) FILTER (WHERE low_bmd_flag) * 1.0 / count(*) AS low_bmd_prevalence, "
@@ -120,10 +122,10 @@ def test_no_raw_patient_identifier_in_any_output(s3_screen, small_archive):
     subjects = draw_subjects(SynthConfig(n=24, seed=3, size=128, formats=("dicom", "dicom", "png", "jpeg")))
     secrets_ = {s.mrn for s in subjects} | {s.name for s in subjects} | {s.name.split("^")[1] for s in subjects} \
         | {s.birth_date for s in subjects}
-    bucket, prefix = storage.split_s3(cfg.output)
+    bucket, prefix = split_s3(cfg.output)
     texts = []
-    for obj in storage.list_objects(cfg.output):
-        data = storage.read_bytes(obj.uri)
+    for obj in Store.resolve().list_objects(cfg.output):
+        data = Store.resolve().read_bytes(obj.uri)
         if obj.key.endswith(".parquet"):
             import io
 
@@ -137,7 +139,7 @@ def test_no_raw_patient_identifier_in_any_output(s3_screen, small_archive):
 
 def test_crash_before_commit_then_rerun_and_rescan_are_exactly_once(ray_local, tmp_path, small_archive, tiny_bundle,
                                                                    monkeypatch):
-    import kneescreen.screen as screen_mod
+    import kneescreen.screen.pipeline as screen_mod
 
     root, _ = small_archive
     archive = tmp_path / "archive"
@@ -156,7 +158,7 @@ def test_crash_before_commit_then_rerun_and_rescan_are_exactly_once(ray_local, t
         run_screen(cfg)
     monkeypatch.undo()
     assert list((tmp_path / "out" / "predictions").rglob("*.parquet"))  # orphan rows exist on disk
-    assert committed_runs(cfg.output) == []  # ...but no run committed: invisible
+    assert committed_runs(Store.resolve(), cfg.output) == []  # ...but no run committed: invisible
     first = run_screen(cfg)
     assert first["counts"]["screened"] == 10
     # Add one object and change another: the rescan screens exactly those two.
@@ -170,7 +172,7 @@ def test_crash_before_commit_then_rerun_and_rescan_are_exactly_once(ray_local, t
     assert third["counts"]["screened"] == 0
     df = _predictions(cfg.output)
     assert not df.duplicated(["key", "etag", "model_version"]).any()
-    listing = {(o.key, o.etag) for o in storage.list_objects(cfg.input)}
+    listing = {(o.key, o.etag) for o in Store.resolve().list_objects(cfg.input)}
     assert listing <= set(zip(df["key"], df["etag"]))  # no gaps
     # One file per committed run (10 then 2 rows; blocks coalesced), the orphan's file removed.
     assert len(list((tmp_path / "out" / "predictions").rglob("*.parquet"))) == 2

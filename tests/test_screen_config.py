@@ -7,7 +7,8 @@ import json
 import pytest
 
 from kneescreen.errors import KneescreenError
-from kneescreen.screen import ScreenConfig, resolve_actors, run_screen
+from kneescreen.screen.config import ScreenConfig
+from kneescreen.screen.pipeline import resolve_actors, run_screen
 
 
 def _cfg(**kw) -> ScreenConfig:
@@ -50,7 +51,7 @@ def test_stage_blocks_have_one_schema_whatever_their_values():
     """A block with no errors and a block with only errors must concatenate into one batch."""
     import numpy as np
 
-    from kneescreen.screen import typed_table
+    from kneescreen.screen.stages import typed_table
 
     def block(code, age):
         return typed_table({"key": np.array(["a", "b"], dtype=object), "status": np.array(["ok", "ok"], dtype=object),

@@ -11,9 +11,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from kneescreen.inspect import run_inspect
+from kneescreen.data.synth import SynthConfig, draw_subjects, write_archive
+from kneescreen.io.inspect import run_inspect
 from kneescreen.labels import t_score_to_class
-from kneescreen.synth import SynthConfig, draw_subjects, write_archive
 
 
 def _digest(root: pathlib.Path) -> str:
@@ -77,7 +77,7 @@ def test_image_signal_is_tunable():
 @pytest.mark.slow
 def test_bone_texture_follows_t_score():
     """Mean bone-region intensity rises with T-score: the signal a CNN can learn."""
-    from kneescreen.synth import render_knee
+    from kneescreen.data.synth import render_knee
 
     subs = draw_subjects(SynthConfig(n=80, seed=4, images_per_patient=1))
     vals = [float(render_knee(s, 128)[40:90, 50:78].mean()) for s in subs]
@@ -86,8 +86,8 @@ def test_bone_texture_follows_t_score():
 
 @pytest.mark.s3
 def test_write_archive_to_s3(s3_bucket):
-    from kneescreen import storage
+    from kneescreen.io.store import Store
 
     summary = write_archive(f"s3://{s3_bucket}/synth", SynthConfig(n=4, seed=1, size=64, workers=1))
-    keys = [o.key for o in storage.list_objects(f"s3://{s3_bucket}/synth")]
+    keys = [o.key for o in Store.resolve().list_objects(f"s3://{s3_bucket}/synth")]
     assert "labels.csv" in keys and sum(k.startswith("images/") for k in keys) == summary["images"] == 4

@@ -12,24 +12,25 @@ import time
 
 import pytest
 
-from kneescreen.bundle import load_bundle
-from kneescreen.train import MemberSpec, TrainConfig, run_train
+from kneescreen.model.bundle import load_bundle
+from kneescreen.train.config import TrainConfig
+from kneescreen.train.run import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_two_worker_training_writes_a_bundle(ray_local, train_archive, tmp_path):
-    cfg = TrainConfig(members=(MemberSpec("test_cnn", "gray", None), MemberSpec("test_cnn", "rgb", None)),
-                      epochs=2, num_workers=2, batch_size=8, storage_path=str(tmp_path / "runs"), name="t2w",
-                      fusion="fuzzy_rank")
-    out = run_train(str(train_archive), str(tmp_path / "bundle"), cfg)
+    cfg = TrainConfig(data=str(train_archive), out=str(tmp_path / "bundle"), members=("test_cnn:gray", "test_cnn:rgb"),
+                      weights="none", image_size=0, epochs=2, num_workers=2, batch_size=8,
+                      storage_path=str(tmp_path / "runs"), name="t2w", fusion="fuzzy_rank")
+    out = run_train(cfg)
     b = load_bundle(str(tmp_path / "bundle"))
     m = b.manifest
-    assert out["version"] == b.version and m["predictor"] == "fused" and m["inputs"] == ["image", "age", "sex"]
-    assert [h["epoch"] for h in m["history"]["test_cnn-gray"]] == [1, 2]
-    assert all(mm["temperature"] > 0 for mm in m["members"])
-    assert 0 < m["thresholds"]["low_bmd"]["threshold"] <= 1 and m["thresholds"]["low_bmd"]["sensitivity"] >= 0.9
+    assert out["version"] == b.version and m.predictor == "fused" and m.inputs == ("image", "age", "sex")
+    assert [h["epoch"] for h in m.history["test_cnn-gray"]] == [1, 2]
+    assert all(mm.temperature > 0 for mm in m.members)
+    assert 0 < m.thresholds.low_bmd.threshold <= 1 and m.thresholds.low_bmd.sensitivity >= 0.9
     names = set(out["test"]["predictors"])
     assert {"member:test_cnn-gray", "member:test_cnn-rgb", "image_ensemble:fuzzy_rank", "covariates_only",
             "fused"} <= names
@@ -61,5 +62,5 @@ def test_killed_training_resumes_from_its_checkpoint(train_archive, tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
     assert "resumed from checkpoint after epoch" in log
-    epochs = [h["epoch"] for h in load_bundle(str(tmp_path / "bundle")).manifest["history"]["test_cnn-gray"]]
+    epochs = [h["epoch"] for h in load_bundle(str(tmp_path / "bundle")).manifest.history["test_cnn-gray"]]
     assert epochs[-1] == 6 and epochs[0] > 1  # the rerun did not start again from epoch 1

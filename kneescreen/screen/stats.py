@@ -8,12 +8,16 @@ balanced accuracy, and the same for the binary low-BMD flag; proportions with Wi
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 
 from kneescreen.labels import CLASSES
-from kneescreen.metrics import binary_counts, wilson
-from kneescreen.schema import STATS, STATUSES
+from kneescreen.metrics import (
+    balanced_accuracy,
+    binary_counts,
+    confusion_matrix,
+    wilson,
+)
+from kneescreen.screen.schema import STATS, STATUSES
 
 SUBGROUPS = ("site", "manufacturer", "sex", "age_band", "view")
 
@@ -43,15 +47,14 @@ def _rows_for(df, run_id: str, version: str, gtype: str, group: str) -> list[dic
     if len(ref):
         y = ref["reference_label"].map(CLASSES.index).to_numpy()
         pred = ref["predicted_class"].map(CLASSES.index).to_numpy()
+        cm = confusion_matrix(y, pred, len(CLASSES))
         for i, t in enumerate(CLASSES):
             for j, pcls in enumerate(CLASSES):
-                c = int(((y == i) & (pred == j)).sum())
-                add(f"confusion:{t}->{pcls}", "count", c, num=c, den=len(ref))
+                add(f"confusion:{t}->{pcls}", "count", int(cm[i, j]), num=int(cm[i, j]), den=len(ref))
         acc = int((y == pred).sum())
         p, lo, hi = wilson(acc, len(ref))
         add("overall", "accuracy", p, lo, hi, acc, len(ref))
-        recalls = [((pred == i) & (y == i)).sum() / (y == i).sum() for i in range(3) if (y == i).sum()]
-        add("overall", "balanced_accuracy", float(np.mean(recalls)), num=None, den=len(ref))
+        add("overall", "balanced_accuracy", balanced_accuracy(y, pred, len(CLASSES)), num=None, den=len(ref))
         targets = [(c, y == i, pred == i) for i, c in enumerate(CLASSES)]
         targets.append(("low_bmd", y >= 1, ref["low_bmd_flag"].astype(bool).to_numpy()))
         for name, truth, flag in targets:

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
-from kneescreen import storage
+from kneescreen.config import opt
 from kneescreen.errors import DecodeError
-from kneescreen.reader import ReaderConfig, read_radiograph
+from kneescreen.io.reader import ReaderConfig, read_radiograph
+from kneescreen.io.store import Store, is_s3, split_s3
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """``kneescreen inspect`` settings."""
+
+    targets: tuple[str, ...] = opt(help="files, folders or s3:// URIs/prefixes", positional=True)
+    max_pixels: int = opt(64_000_000, "refuse images above this many pixels")
+    endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+
 
 FIELDS = (
     "path", "status", "error_code", "message", "size", "rows", "cols", "photometric",
@@ -39,35 +52,31 @@ def inspect_bytes(path: str, data: bytes, config: ReaderConfig = ReaderConfig())
     return row
 
 
-def _expand(targets: Iterable[str], endpoint: str | None) -> Iterator[tuple[str, str]]:
+def _expand(targets: Iterable[str], store: Store) -> Iterator[tuple[str, str]]:
     """(display path, uri) for each file, expanding folders and s3 prefixes."""
-    import pathlib
-
     for target in targets:
-        if storage.is_s3(target):
-            _, key = storage.split_s3(target)
-            if key and not key.endswith("/") and storage.exists(target, endpoint):
+        if is_s3(target):
+            _, key = split_s3(target)
+            if key and not key.endswith("/") and store.exists(target):
                 yield target, target
                 continue
-            for obj in storage.list_objects(target, endpoint=endpoint):
+            for obj in store.list_objects(target):
                 yield obj.uri, obj.uri
         elif pathlib.Path(target).is_dir():
-            for obj in storage.list_objects(target):
+            for obj in store.list_objects(target):
                 yield obj.uri, obj.uri
         else:
             yield target, target
 
 
-def run_inspect(targets: list[str], endpoint: str | None = None, out=None,
+def run_inspect(targets: list[str], store: Store | None = None, out=None,
                 config: ReaderConfig = ReaderConfig()) -> int:
     """Write one JSON line per input file to ``out``. Returns 0 whenever it ran."""
     out = out or sys.stdout
-    client = None
-    for display, uri in _expand(targets, endpoint):
+    store = store or Store.resolve()
+    for display, uri in _expand(targets, store):
         try:
-            if storage.is_s3(uri):
-                client = client or storage.s3_client(endpoint)
-            data = storage.read_bytes(uri, endpoint, client=client)
+            data = store.read_bytes(uri)
         except Exception as exc:  # noqa: BLE001 - an unreadable object is a row, not a crash
             row = dict.fromkeys(FIELDS)
             row.update(path=display, status="error", error_code="read_failed",

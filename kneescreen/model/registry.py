@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kneescreen.io.store import Store
+from kneescreen.model._efficientnet_lite import build_lite
+from kneescreen.model._xception import Xception
+
 _logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -86,15 +90,11 @@ for _name, _size, _kw in [
 
 @register_model("xception", 299, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 def _xception(_: bool) -> nn.Module:
-    from kneescreen.models._xception import Xception
-
     return Xception()
 
 
 for _v, _size in ((0, 224), (1, 240), (2, 260)):
     def _lite(pretrained: bool, _v=_v) -> nn.Module:
-        from kneescreen.models._efficientnet_lite import build_lite
-
         return build_lite(_v, pretrained)
 
     register_model(f"efficientnet_lite{_v}", _size, mean=LITE_MEAN, std=LITE_STD, offline_weights=True)(_lite)
@@ -133,7 +133,7 @@ def _set(model: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def _load_imagenet(spec: ModelSpec, model: nn.Module, weights: str) -> None:
+def _load_imagenet(spec: ModelSpec, model: nn.Module, weights: str, store: Store | None) -> None:
     if weights == "imagenet":
         if spec.offline_weights:
             return  # built pretrained already
@@ -146,15 +146,15 @@ def _load_imagenet(spec: ModelSpec, model: nn.Module, weights: str) -> None:
         enum = torchvision.models.get_model_weights(spec.torchvision_name).DEFAULT
         sd = enum.get_state_dict(progress=False)  # needs network or a warm torch hub cache
     else:
-        from kneescreen import storage
-
-        sd = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True)
+        store = store or Store.resolve()
+        sd = torch.load(io.BytesIO(store.read_bytes(weights)), map_location="cpu", weights_only=True)
     # Aux classifiers of googlenet/inception are disabled here: their weights are not needed.
     sd = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
     model.load_state_dict(sd, strict=True)
 
 
-def create_model(name: str, num_classes: int = 3, input_mode: str = "gray", weights: str | None = None) -> nn.Module:
+def create_model(name: str, num_classes: int = 3, input_mode: str = "gray", weights: str | None = None,
+                 store: Store | None = None) -> nn.Module:
     """Build a registered model with a ``num_classes`` head.
 
     Args:
@@ -162,6 +162,7 @@ def create_model(name: str, num_classes: int = 3, input_mode: str = "gray", weig
         num_classes: size of the new classification head.
         input_mode: ``"gray"`` (1 channel) or ``"rgb"`` (3 channels).
         weights: ``None``, ``"imagenet"`` or a path/s3 URI to an ImageNet state dict.
+        store: reads a weights URI (default: resolved from ``AWS_ENDPOINT_URL``).
 
     Raises:
         ValueError: unknown name, input mode or weights source.
@@ -171,7 +172,7 @@ def create_model(name: str, num_classes: int = 3, input_mode: str = "gray", weig
         raise ValueError(f"input_mode must be 'gray' or 'rgb', not {input_mode!r}")
     model = spec.builder(weights == "imagenet" and spec.offline_weights)
     if weights:
-        _load_imagenet(spec, model, weights)
+        _load_imagenet(spec, model, weights, store)
     conv_name, conv = _named(model, nn.Conv2d)[0]
     if input_mode == "gray":
         new = type(conv)(1, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,

@@ -66,7 +66,7 @@ class ReaderConfig:
 @dataclass
 class RadiographMeta:
     """Header facts. ``patient_id`` and ``birth_date`` are raw identifiers: keep them in memory,
-    pseudonymise before anything is written (see `kneescreen.privacy`)."""
+    pseudonymise before anything is written (see `kneescreen.io.privacy`)."""
 
     format: str = ""
     rows: int = 0
@@ -537,7 +537,11 @@ def _dicom_meta(ds) -> RadiographMeta:
     if meta_ts is None:
         # No file meta (raw dataset): pydicom has guessed the encoding while parsing.
         if getattr(ds, "is_little_endian", None) is not None:
-            from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+            from pydicom.uid import (
+                ExplicitVRBigEndian,
+                ExplicitVRLittleEndian,
+                ImplicitVRLittleEndian,
+            )
 
             if not ds.is_little_endian:
                 meta_ts = str(ExplicitVRBigEndian)

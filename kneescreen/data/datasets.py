@@ -10,8 +10,6 @@ The audit written next to the split proves no patient and no fingerprint crosses
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -22,11 +20,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from kneescreen import storage
+from kneescreen.config import opt
 from kneescreen.errors import DecodeError, KneescreenError
+from kneescreen.io.privacy import pseudonym_key, pseudonymise
+from kneescreen.io.reader import read_radiograph
+from kneescreen.io.store import Store, is_s3, join
 from kneescreen.labels import CLASSES, normalise_label, t_score_to_class
-from kneescreen.privacy import pseudonym_key, pseudonymise
-from kneescreen.reader import read_radiograph
 
 _logger = logging.getLogger(__name__)
 _IMAGE_EXT = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", "")
@@ -37,15 +36,17 @@ _PATIENT_COLUMNS = ("patient_ref", "patient_id", "patient", "subject_id")
 class SplitConfig:
     """Split policy. Fractions are of patients' images, stratified by class."""
 
-    folds: int = 5
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    duplicates: str = "drop"  # exact duplicates with one label: "drop" extra copies or "group" them
-    conflicts: str = "drop"  # exact duplicates under different labels: "drop" all copies or "keep"
+    folds: int = opt(5, "cross-validation folds (patient-level, stratified)")
+    val_fraction: float = opt(0.15, "share of images for validation")
+    test_fraction: float = opt(0.15, "share of images for the held-out test split")
+    seed: int = opt(0, "seed for the group assignment")
+    duplicates: str = opt("drop", "exact duplicates with one label: keep one (drop) or keep all in one group",
+                          choices=("drop", "group"))
+    conflicts: str = opt("drop", "duplicates under different labels: drop all copies, or keep them",
+                         choices=("drop", "keep"))
     # Thumbnail correlation at or above which two images count as one. Measured: a half-size
     # JPEG-q70 copy of a dev-set knee scores 0.99998; the closest two distinct dev-set knees 0.988.
-    near_duplicate_corr: float = 0.995
+    near_duplicate_corr: float = opt(0.995, "thumbnail correlation at which two images count as one")
 
 
 @dataclass
@@ -74,7 +75,7 @@ def to_float(value) -> float | None:
         return None
 
 
-def load_collection(source: str, images_root: str | None = None, endpoint: str | None = None) -> list[Item]:
+def load_collection(source: str, images_root: str | None = None, store: Store | None = None) -> list[Item]:
     """Items of a labelled collection.
 
     Args:
@@ -87,15 +88,16 @@ def load_collection(source: str, images_root: str | None = None, endpoint: str |
     Raises:
         KneescreenError: when no labels can be found or a label is not a known class.
     """
+    store = store or Store.resolve()
     labels_uri = None
     if source.endswith((".csv", ".parquet")):
         labels_uri = source
-    elif storage.exists(storage.join(source, "labels.csv"), endpoint):
-        labels_uri = storage.join(source, "labels.csv")
+    elif store.exists(join(source, "labels.csv")):
+        labels_uri = join(source, "labels.csv")
     if labels_uri is None:
         return _load_class_folders(source)
-    base = labels_uri.rsplit("/", 1)[0] if storage.is_s3(labels_uri) else str(pathlib.Path(labels_uri).parent)
-    rows = storage.read_table(labels_uri, endpoint)
+    base = labels_uri.rsplit("/", 1)[0] if is_s3(labels_uri) else str(pathlib.Path(labels_uri).parent)
+    rows = store.read_table(labels_uri)
     if not rows:
         raise KneescreenError(f"{labels_uri} has no rows")
     key_col = "key" if "key" in rows[0] else "path" if "path" in rows[0] else None
@@ -104,10 +106,8 @@ def load_collection(source: str, images_root: str | None = None, endpoint: str |
     if images_root is None:
         images_root = base
         first = str(rows[0][key_col])
-        if not storage.exists(storage.join(base, first), endpoint) and storage.exists(
-            storage.join(base, "images", first), endpoint
-        ):
-            images_root = storage.join(base, "images")
+        if not store.exists(join(base, first)) and store.exists(join(base, "images", first)):
+            images_root = join(base, "images")
     patient_col = next((c for c in _PATIENT_COLUMNS if c in rows[0]), None)
     items = []
     for i, row in enumerate(rows):
@@ -118,7 +118,7 @@ def load_collection(source: str, images_root: str | None = None, endpoint: str |
         except ValueError as exc:
             raise KneescreenError(f"{labels_uri} row {i + 2} ({key}): {exc}") from None
         items.append(Item(
-            key=key, uri=storage.join(images_root, key), label=label,
+            key=key, uri=join(images_root, key), label=label,
             patient=str(row[patient_col]) if patient_col and row.get(patient_col) else "",
             t_score=t, age=to_float(row.get("age")), sex=(row.get("sex") or None),
         ))
@@ -154,21 +154,21 @@ def thumbnail(image: np.ndarray, side: int = 32) -> np.ndarray:
     return (t / (np.linalg.norm(t) + 1e-9)).astype(np.float32)
 
 
-def _fingerprint(args: tuple[str, str | None]) -> tuple[str | None, np.ndarray | None, str | None, str | None]:
-    uri, endpoint = args
+def _fingerprint(args: tuple[str, Store]) -> tuple[str | None, np.ndarray | None, str | None, str | None]:
+    uri, store = args
     try:
-        rg = read_radiograph(storage.read_bytes(uri, endpoint))
+        rg = read_radiograph(store.read_bytes(uri))
     except DecodeError as exc:
         return None, None, exc.error_code, None
-    except OSError as exc:
+    except OSError:
         return None, None, "read_failed", None
     return rg.pixel_hash, thumbnail(rg.image), None, rg.meta.patient_id
 
 
-def fingerprint(items: list[Item], endpoint: str | None = None, workers: int = 0) -> None:
+def fingerprint(items: list[Item], store: Store, workers: int = 0) -> None:
     """Fill ``pixel_hash`` / ``thumb`` (or ``error_code``) on every item, in place."""
     workers = workers or (os.cpu_count() or 1)
-    jobs = [(it.uri, endpoint) for it in items]
+    jobs = [(it.uri, store) for it in items]
     if workers > 1 and len(jobs) > 8:
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(_fingerprint, jobs, chunksize=4))
@@ -234,23 +234,19 @@ def _assign(groups: list[list[int]], labels: list[int], targets: list[float], se
     return out
 
 
-def make_split(items: list[Item], cfg: SplitConfig = SplitConfig()) -> tuple[list[dict], dict]:
-    """Dedupe and split fingerprinted items.
+def _dedupe(ok: list[Item], cfg: SplitConfig) -> tuple[list[Item], list[dict], list[dict], dict]:
+    """Exact duplicates (same pixel hash): keep one, group them, or drop label conflicts.
 
     Returns:
-        (rows, audit): one row per kept item with ``split`` (train/val/test), ``fold`` and
-        ``group``; the audit dict with duplicate groups, dropped items and the leakage check.
+        (kept items sorted by key, duplicate rows, dropped rows, items by pixel hash)
     """
-    ok = [it for it in items if it.error_code is None]
-    errors = [{"key": it.key, "error_code": it.error_code} for it in items if it.error_code]
     by_hash: dict[str, list[Item]] = defaultdict(list)
     for it in ok:
         by_hash[it.pixel_hash].append(it)
     dup_rows, dropped, keep = [], [], []
     for h, members in by_hash.items():
-        labels = sorted({m.label for m in members})
         if len(members) > 1:
-            kind = "conflict" if len(labels) > 1 else "duplicate"
+            kind = "conflict" if len({m.label for m in members}) > 1 else "duplicate"
             dup_rows += [{"pixel_hash": h, "kind": kind, "key": m.key, "label": m.label} for m in members]
             if kind == "conflict" and cfg.conflicts == "drop":
                 dropped += [{"key": m.key, "reason": "label_conflict"} for m in members]
@@ -261,28 +257,48 @@ def make_split(items: list[Item], cfg: SplitConfig = SplitConfig()) -> tuple[lis
                 members = members[:1]
         keep += members
     keep.sort(key=lambda m: m.key)
-    # Connected components over patient, pixel hash and near-duplicate links.
+    return keep, dup_rows, dropped, by_hash
+
+
+def _groups(keep: list[Item], min_corr: float) -> tuple[list[list[int]], int, int]:
+    """Connected components over patient, pixel hash and near-duplicate links.
+
+    Returns:
+        (groups of indices into ``keep``, near-duplicate pairs, of which with different labels)
+    """
     uf = _UnionFind(len(keep))
     first_by: dict[tuple[str, str], int] = {}
     for i, it in enumerate(keep):
         for attr in ("patient", "pixel_hash"):
             v = getattr(it, attr)
             if v:
-                j = first_by.setdefault((attr, v), i)
-                uf.union(i, j)
-    near = _near_duplicate_pairs([it.thumb for it in keep], cfg.near_duplicate_corr)
-    near_conflicts = 0
+                uf.union(i, first_by.setdefault((attr, v), i))
+    near = _near_duplicate_pairs([it.thumb for it in keep], min_corr)
     for a, b in near:
         uf.union(a, b)
-        near_conflicts += keep[a].label != keep[b].label
     comp: dict[int, list[int]] = defaultdict(list)
     for i in range(len(keep)):
         comp[uf.find(i)].append(i)
-    groups = list(comp.values())
-    labels = [CLASSES.index(it.label) for it in keep]
+    return list(comp.values()), len(near), sum(keep[a].label != keep[b].label for a, b in near)
+
+
+def make_split(items: list[Item], cfg: SplitConfig = SplitConfig()) -> tuple[list[dict], dict]:
+    """Dedupe and split fingerprinted items.
+
+    Returns:
+        (rows, audit): one row per kept item with ``split`` (train/val/test), ``fold`` and
+        ``group``; the audit dict with duplicate groups, dropped items and the leakage check.
+
+    Raises:
+        KneescreenError: validation and test fractions that leave no training share.
+    """
     train_frac = 1 - cfg.val_fraction - cfg.test_fraction
     if train_frac <= 0:
         raise KneescreenError("val_fraction + test_fraction must be below 1")
+    errors = [{"key": it.key, "error_code": it.error_code} for it in items if it.error_code]
+    keep, dup_rows, dropped, by_hash = _dedupe([it for it in items if it.error_code is None], cfg)
+    groups, n_near, near_conflicts = _groups(keep, cfg.near_duplicate_corr)
+    labels = [CLASSES.index(it.label) for it in keep]
     split_of_group = _assign(groups, labels, [train_frac, cfg.val_fraction, cfg.test_fraction], cfg.seed)
     fold_of_group = _assign(groups, labels, [1 / cfg.folds] * cfg.folds, cfg.seed + 1)
     rows = []
@@ -291,8 +307,7 @@ def make_split(items: list[Item], cfg: SplitConfig = SplitConfig()) -> tuple[lis
             it = keep[i]
             rows.append({
                 "key": it.key, "uri": it.uri, "label": it.label, "patient": it.patient or f"img:{it.key}",
-                "t_score": it.t_score, "age": it.age, "sex": it.sex, "pixel_hash": it.pixel_hash,
-                "group": g,
+                "t_score": it.t_score, "age": it.age, "sex": it.sex, "pixel_hash": it.pixel_hash, "group": g,
                 "split": ("train", "val", "test")[split_of_group[g]], "fold": fold_of_group[g],
             })
     rows.sort(key=lambda r: r["key"])
@@ -301,13 +316,10 @@ def make_split(items: list[Item], cfg: SplitConfig = SplitConfig()) -> tuple[lis
         "input_items": len(items), "decode_errors": len(errors), "kept": len(rows),
         "dropped": len(dropped), "exact_duplicate_groups": sum(1 for v in by_hash.values() if len(v) > 1),
         "label_conflict_groups": sum(1 for v in by_hash.values() if len({m.label for m in v}) > 1),
-        "near_duplicate_pairs": len(near), "near_duplicate_pairs_with_different_labels": near_conflicts,
+        "near_duplicate_pairs": n_near, "near_duplicate_pairs_with_different_labels": near_conflicts,
         "patients_from_labels": any(it.patient for it in items),
     })
-    audit["config"] = asdict(cfg)
-    audit["dropped"] = dropped
-    audit["decode_errors"] = errors
-    audit["duplicates"] = dup_rows
+    audit.update(config=asdict(cfg), dropped=dropped, decode_errors=errors, duplicates=dup_rows)
     return rows, audit
 
 
@@ -332,34 +344,28 @@ def audit_split(rows: list[dict]) -> dict:
 
 
 def run_split(source: str, out_dir: str, cfg: SplitConfig = SplitConfig(), images_root: str | None = None,
-              endpoint: str | None = None) -> dict:
+              store: Store | None = None) -> dict:
     """Load, fingerprint, split and write ``split.csv``, ``duplicates.csv`` and ``audit.json``."""
-    items = load_collection(source, images_root=images_root, endpoint=endpoint)
+    store = store or Store.resolve()
+    items = load_collection(source, images_root=images_root, store=store)
     _logger.info("fingerprinting %d images from %s", len(items), source)
-    fingerprint(items, endpoint=endpoint)
+    fingerprint(items, store)
     rows, audit = make_split(items, cfg)
-    write_split(out_dir, rows, audit, endpoint)
+    write_split(store, out_dir, rows, audit)
     _logger.info("split written to %s: %s", out_dir, json.dumps(audit["summary"]["split_class_counts"]))
     return audit
 
 
-def write_split(out_dir: str, rows: list[dict], audit: dict, endpoint: str | None = None) -> None:
-    def csv_bytes(records: list[dict], fields: list[str]) -> bytes:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(records)
-        return buf.getvalue().encode()
-
-    storage.write_bytes(storage.join(out_dir, "split.csv"), csv_bytes(rows, list(rows[0]) if rows else ["key"]), endpoint)
-    storage.write_bytes(storage.join(out_dir, "duplicates.csv"),
-                        csv_bytes(audit["duplicates"], ["pixel_hash", "kind", "key", "label"]), endpoint)
-    storage.write_bytes(storage.join(out_dir, "audit.json"), json.dumps(audit, indent=2).encode(), endpoint)
+def write_split(store: Store, out_dir: str, rows: list[dict], audit: dict) -> None:
+    store.write_csv(join(out_dir, "split.csv"), rows)
+    store.write_csv(join(out_dir, "duplicates.csv"), audit["duplicates"], ["pixel_hash", "kind", "key", "label"])
+    store.write_bytes(join(out_dir, "audit.json"), json.dumps(audit, indent=2).encode())
 
 
-def load_split(path: str, endpoint: str | None = None) -> list[dict]:
+def load_split(path: str, store: Store | None = None) -> list[dict]:
     """Rows of a ``split.csv`` written by `run_split`, with numeric fields parsed."""
-    rows = storage.read_table(path if path.endswith(".csv") else storage.join(path, "split.csv"), endpoint)
+    store = store or Store.resolve()
+    rows = store.read_table(path if path.endswith(".csv") else join(path, "split.csv"))
     for r in rows:
         r["fold"] = int(r["fold"])
         r["group"] = int(r["group"])

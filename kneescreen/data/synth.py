@@ -16,7 +16,6 @@ Everything is derived from ``seed``: the same config gives byte-identical files.
 
 from __future__ import annotations
 
-import csv
 import functools
 import io
 import logging
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kneescreen.config import opt
+from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES, t_score_to_class
 
 _logger = logging.getLogger(__name__)
@@ -52,15 +53,17 @@ _MEAN_T, _SD_T = -1.2, 1.2
 class SynthConfig:
     """Archive generator settings (one source of defaults for the CLI and tests)."""
 
-    n: int = 200
-    seed: int = 0
-    size: int = 384
-    image_signal: float = 1.0
-    covariate_signal: float = 1.0
-    formats: tuple[str, ...] = ("dicom",)
-    images_per_patient: int = 2
-    plant_bad: bool = False
-    workers: int = 0  # 0: one process per core
+    n: int = opt(200, "number of images")
+    seed: int = opt(0, "random seed: the same seed writes the same archive")
+    size: int = opt(384, "image side in pixels")
+    image_signal: float = opt(1.0, "0..1: how much the image tells of the T-score")
+    covariate_signal: float = opt(1.0, "0..1: how much age/sex tell of the T-score")
+    # Repeating a format weights it: ("dicom", "dicom", "png") writes two DICOMs per PNG.
+    formats: tuple[str, ...] = opt(("dicom",), "formats to cycle through: dicom, png, jpeg",
+                                   choices=("dicom", "png", "jpeg"))
+    images_per_patient: int = opt(2, "images per synthetic patient")
+    plant_bad: bool = opt(False, "add corrupt, truncated, non-image and non-knee objects")
+    workers: int = opt(0, "processes (0: one per core)")
 
 
 @dataclass(frozen=True)
@@ -328,24 +331,21 @@ def planted_bad_files(cfg: SynthConfig, good: dict[str, bytes]) -> dict[str, tup
     return bad
 
 
-def write_archive(out_dir: str, cfg: SynthConfig = SynthConfig()) -> dict:
+def write_archive(out_dir: str, cfg: SynthConfig = SynthConfig(), store: Store | None = None) -> dict:
     """Generate the archive under ``out_dir`` (a folder, or an s3:// prefix).
 
     Returns:
         Summary dict: counts, rate (images/s), paths of ``labels.csv`` and ``planted.csv``.
     """
-    from kneescreen import storage
-
+    store = store or Store.resolve()
     t0 = time.perf_counter()
     subjects = draw_subjects(cfg)
     workers = cfg.workers or (os.cpu_count() or 1)
     jobs = [(s, cfg.size) for s in subjects]
     files: dict[str, bytes] = {}
-    is_s3 = storage.is_s3(out_dir)
-    client = storage.s3_client() if is_s3 else None
 
     def emit(key: str, data: bytes) -> None:
-        storage.write_bytes(storage.join(out_dir, "images", key), data, client=client)
+        store.write_bytes(join(out_dir, "images", key), data)
 
     if workers > 1 and len(jobs) > 16:
         with ProcessPoolExecutor(workers) as pool:
@@ -367,23 +367,12 @@ def write_archive(out_dir: str, cfg: SynthConfig = SynthConfig()) -> dict:
         emit(key, data)
     elapsed = time.perf_counter() - t0
     rows = [label_row(s) for s in subjects]
-    _write_csv(storage.join(out_dir, "labels.csv"), rows, client)
+    store.write_csv(join(out_dir, "labels.csv"), rows)
     if planted:
-        _write_csv(storage.join(out_dir, "planted.csv"),
-                   [{"key": k, "expected": code} for k, (_, code) in planted.items()], client)
+        store.write_csv(join(out_dir, "planted.csv"), [{"key": k, "expected": code} for k, (_, code) in planted.items()])
     counts = {c: sum(r["label"] == c for r in rows) for c in CLASSES}
     return {
         "images": len(rows), "planted_bad": len(planted), "classes": counts,
         "seconds": round(elapsed, 2), "images_per_s": round(len(rows) / max(elapsed, 1e-9), 1),
-        "images_root": storage.join(out_dir, "images"), "labels": storage.join(out_dir, "labels.csv"),
+        "images_root": join(out_dir, "images"), "labels": join(out_dir, "labels.csv"),
     }
-
-
-def _write_csv(uri: str, rows: list[dict], client) -> None:
-    from kneescreen import storage
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_bytes(uri, buf.getvalue().encode(), client=client)

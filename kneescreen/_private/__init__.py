@@ -1,0 +1,1 @@
+"""Internal helpers shared by the layers above; not part of the public surface."""

@@ -1,0 +1,21 @@
+"""Joining or starting Ray, the same way for every command."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a
+    local one. Does nothing when Ray is already initialised in this process."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # inside `ray job submit` (or pointed at a cluster): join it as it is
+        return
+    # Logical CPUs: Ray Train workers and Ray Data tasks both ask for CPUs; on a 2-core machine
+    # 2 training workers would otherwise leave Data nothing and stall it.
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True, ignore_reinit_error=True)

@@ -1,0 +1,160 @@
+"""The one decode + preprocess batch function, shared by training and screening.
+
+``decode_batch(batch, spec)`` is a pure Ray Data batch function: it reads each object, decodes
+it with the pinned reader, letterboxes it to every size the models need, and adds metadata
+columns. A file that cannot be used is never dropped here: it becomes a row with ``status``
+``error`` (or ``skipped``), a stable ``error_code`` and a message. Screening writes those rows;
+training filters them out and logs their codes (`ok_rows`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kneescreen.data.datasets import to_float
+from kneescreen.data.preprocess import letterbox
+from kneescreen.errors import DecodeError, KneescreenError
+from kneescreen.io.privacy import pseudonymise
+from kneescreen.io.reader import RadiographMeta, ReaderConfig, read_radiograph
+from kneescreen.io.store import Store, join
+from kneescreen.labels import age_band, normalise_label, t_score_to_class
+
+_logger = logging.getLogger(__name__)
+KNEE_BODY_PARTS = {"KNEE", "LEG", "LOWER LIMB", "LOWERLIMB", "EXTREMITY", "LOWER EXTREMITY", "TIBIA", "FEMUR", "PATELLA"}
+RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "OT", "DR", "PX"}
+META_COLUMNS = (
+    "status", "error_code", "message", "format", "patient_pseudo_id", "study_pseudo_id", "laterality", "view",
+    "site", "manufacturer", "sex", "age", "age_band", "reference_label", "reference_t_score", "decode_ms")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Everything a decode task needs, passed as one argument.
+
+    Attributes:
+        store: where the objects live.
+        sizes: letterbox sizes to produce (one ``img_<size>`` column each).
+        root: objects are ``join(root, key)``; None = the batch has a ``uri`` column instead.
+        pseudo_key: HMAC key for patient/study pseudonyms (raw ids never leave the task).
+        reference / metadata: side tables keyed by key or SOP Instance UID (`load_side_table`).
+        body_part_policy: ``skip`` non-knee DICOM (BodyPartExamined) or ``keep`` it.
+        max_pixels: decompression-bomb guard handed to the reader.
+    """
+
+    store: Store
+    sizes: tuple[int, ...]
+    root: str | None = None
+    pseudo_key: bytes = b""
+    reference: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    body_part_policy: str = "skip"
+    max_pixels: int = 64_000_000
+
+
+def load_side_table(store: Store, uri: str | None) -> dict[str, dict]:
+    """key / relative path / SOP Instance UID -> row, for reference labels and metadata sidecars.
+
+    Raises:
+        KneescreenError: a table with none of those columns filled.
+    """
+    if not uri:
+        return {}
+    out: dict[str, dict] = {}
+    for row in store.read_table(uri):
+        for col in ("key", "path", "relative_path", "sop_instance_uid"):
+            v = row.get(col)
+            if v not in (None, ""):
+                out[str(v)] = row
+    if not out:
+        raise KneescreenError(f"{uri}: no rows with a key, path or sop_instance_uid column")
+    return out
+
+
+def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig):
+    """(status, error_code, message, meta, image) for one object; never raises."""
+    try:
+        rg = read_radiograph(spec.store.read_bytes(uri), cfg)
+    except DecodeError as exc:
+        return "error", exc.error_code, exc.message, None, None
+    except Exception as exc:  # noqa: BLE001 - storage failures are rows, not a dead batch
+        return "error", "read_failed", f"{type(exc).__name__}: {exc}"[:300], None, None
+    meta = rg.meta
+    body = (meta.body_part or "").upper()
+    if meta.modality and meta.modality.upper() not in RADIOGRAPH_MODALITIES:
+        return "skipped", "not_radiograph", f"modality {meta.modality} is not a radiograph", meta, rg.image
+    if spec.body_part_policy == "skip" and body and body not in KNEE_BODY_PARTS:
+        return "skipped", "not_knee", f"BodyPartExamined is {meta.body_part}", meta, rg.image
+    return "ok", None, None, meta, rg.image
+
+
+def _reference(ref: dict | None) -> tuple[str | None, float | None]:
+    if not ref:
+        return None, None
+    t = to_float(ref.get("t_score"))
+    try:
+        label = normalise_label(ref["label"]) if ref.get("label") else (t_score_to_class(t) if t is not None else None)
+    except ValueError:
+        label = None
+    return label, t
+
+
+def _describe(spec: DecodeSpec, key: str, meta: RadiographMeta | None) -> dict:
+    """Metadata columns for one row: DICOM headers win, the sidecar fills formats without them."""
+    sop = meta.sop_uid if meta and meta.sop_uid else None
+    side = spec.metadata.get(key) or (spec.metadata.get(sop) if sop else None) or {}
+    age = meta.age if meta and meta.age is not None else to_float(side.get("age"))
+    sex = (meta.sex if meta and meta.sex else None) or (str(side.get("sex") or "").upper()[:1] or None)
+    sex = sex if sex in ("F", "M") else None
+    ref_label, ref_t = _reference(spec.reference.get(key) or (spec.reference.get(sop) if sop else None))
+    return {
+        "format": meta.format if meta else None,
+        "patient_pseudo_id": pseudonymise(meta.patient_id, spec.pseudo_key, "p") if meta else None,
+        "study_pseudo_id": pseudonymise(meta.study_uid, spec.pseudo_key, "s") if meta else None,
+        "laterality": (meta.laterality if meta else None) or side.get("laterality") or None,
+        "view": (meta.view_position if meta else None) or side.get("view") or None,
+        "site": side.get("site") or (meta.institution if meta else None),
+        "manufacturer": (meta.manufacturer if meta else None) or side.get("manufacturer") or None,
+        "sex": sex, "age": age, "age_band": age_band(age), "reference_label": ref_label, "reference_t_score": ref_t,
+    }
+
+
+def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
+    """Rows (``key``, or ``uri`` when ``spec.root`` is None) -> decoded, letterboxed images plus
+    metadata; every input column passes through and every input row comes out.
+
+    Returns:
+        Columns: the input's, `META_COLUMNS`, and ``img_<size>`` (n, size, size) uint8 arrays
+        (zeros for rows that are not ``ok``).
+    """
+    cfg = ReaderConfig(max_pixels=spec.max_pixels, hash_pixels=False)
+    keys = list(batch["key"])
+    uris = [join(spec.root, k) for k in keys] if spec.root is not None else list(batch["uri"])
+    cols: dict[str, list] = {k: [] for k in META_COLUMNS}
+    images: dict[int, list] = {s: [] for s in spec.sizes}
+    for key, uri in zip(keys, uris):
+        t0 = time.perf_counter()
+        status, code, msg, meta, image = _read_one(spec, uri, cfg)
+        row = {"status": status, "error_code": code, "message": msg, **_describe(spec, key, meta)}
+        for s in spec.sizes:
+            images[s].append(letterbox(image, s) if status == "ok" else np.zeros((s, s), np.uint8))
+        row["decode_ms"] = (time.perf_counter() - t0) * 1000
+        for k in META_COLUMNS:
+            cols[k].append(row[k])
+    out = dict(batch)
+    out.update(cols)
+    out.update({f"img_{s}": np.stack(v) if v else np.zeros((0, s, s), np.uint8) for s, v in images.items()})
+    return out
+
+
+def ok_rows(rows: list[dict], what: str = "training") -> list[dict]:
+    """Keep the ``ok`` rows of decoded output; log how many were left out, by error code."""
+    bad = Counter(r["error_code"] or r["status"] for r in rows if r["status"] != "ok")
+    if bad:
+        _logger.warning("%s: left out %d image(s) that could not be used: %s", what, sum(bad.values()),
+                        ", ".join(f"{k}={v}" for k, v in sorted(bad.items())))
+    return [r for r in rows if r["status"] == "ok"]

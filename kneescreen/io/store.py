@@ -1,0 +1,279 @@
+"""Local paths and s3:// URIs behind one object: the `Store`.
+
+A `Store` is resolved once per command from ``--endpoint-url`` or the standard
+``AWS_ENDPOINT_URL`` variable and then passed everywhere (into Ray tasks and actors as one
+argument), so an S3-compatible endpoint (MinIO, a local test server) reaches every read and
+write: images, splits, weights, checkpoints, bundles and screening output. It pickles as its
+settings only; each process builds its boto3 client and pyarrow filesystem once, on first use.
+Credentials come from boto3's default chain and are never logged. pyarrow's S3FileSystem ignores
+``AWS_ENDPOINT_URL`` (pyarrow 26), hence the explicit ``endpoint_override``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import os
+import pathlib
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from kneescreen.errors import KneescreenError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: key relative to the listed root, size in bytes, etag (or mtime tag)."""
+
+    uri: str
+    key: str
+    size: int
+    etag: str
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise KneescreenError(f"not an s3 URI: {uri!r} (expected s3://bucket/prefix)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(root: str, *parts: str) -> str:
+    root = str(root)
+    if is_s3(root):
+        return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(pathlib.Path(root, *parts))
+
+
+def _matches(key: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    if include and not any(fnmatch.fnmatch(key, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatch(key, p) for p in exclude)
+
+
+def _local_tag(st: os.stat_result) -> str:
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"  # cheap, changes when the file does
+
+
+class Store:
+    """Read, write, list and delete below local folders and s3:// prefixes.
+
+    Args:
+        endpoint_url: S3-compatible endpoint (``http://127.0.0.1:9000``); None = AWS.
+        region: AWS region for pyarrow (boto3 finds its own).
+    """
+
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None):
+        self.endpoint_url = endpoint_url or None
+        self.region = region or None
+        self._lock = threading.Lock()
+        self._client = None
+        self._s3fs = None
+
+    @classmethod
+    def resolve(cls, endpoint_url: str | None = None) -> Store:
+        """The store for a command: the flag, else ``AWS_ENDPOINT_URL(_S3)``, else AWS."""
+        env = os.environ
+        return cls(endpoint_url or env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3"),
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+
+    # Pickled as settings only: clients are per process and rebuilt on first use.
+    def __getstate__(self) -> dict:
+        return {"endpoint_url": self.endpoint_url, "region": self.region}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Store) and self.__getstate__() == other.__getstate__()
+
+    def __hash__(self) -> int:
+        return hash((self.endpoint_url, self.region))
+
+    def __repr__(self) -> str:
+        return f"Store(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+    # -- clients --------------------------------------------------------------------------------
+
+    @property
+    def client(self):
+        """This process's boto3 S3 client (thread-safe, built once)."""
+        with self._lock:
+            if self._client is None:
+                import boto3
+
+                self._client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+            return self._client
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """(pyarrow filesystem, path inside it) for a local path or s3:// URI."""
+        if not is_s3(uri):
+            return pafs.LocalFileSystem(), str(pathlib.Path(uri).absolute())
+        bucket, key = split_s3(uri)
+        with self._lock:
+            if self._s3fs is None:
+                kwargs = {}
+                if self.endpoint_url:
+                    parsed = urlparse(self.endpoint_url)
+                    kwargs["endpoint_override"] = parsed.netloc or parsed.path
+                    kwargs["scheme"] = parsed.scheme or "https"
+                if self.region:
+                    kwargs["region"] = self.region
+                self._s3fs = pafs.S3FileSystem(**kwargs)
+            return self._s3fs, f"{bucket}/{key}".rstrip("/")
+
+    # -- objects --------------------------------------------------------------------------------
+
+    def read_bytes(self, uri: str) -> bytes:
+        """Whole object or file as bytes. Raises FileNotFoundError when it does not exist."""
+        uri = str(uri)
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except self.client.exceptions.NoSuchKey as exc:
+                raise FileNotFoundError(uri) from exc
+        return pathlib.Path(uri).read_bytes()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write an object; local files are replaced atomically (readers never see half a file)."""
+        uri = str(uri)
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        path = pathlib.Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+                return True
+            except self.client.exceptions.ClientError:
+                return False
+        return pathlib.Path(uri).exists()
+
+    def list_objects(self, root: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                     page_size: int = 1000) -> Iterator[ObjectInfo]:
+        """Stream objects below ``root`` in key order, one page at a time.
+
+        A generator, so an archive of millions of keys never sits in driver memory at once.
+        Local files get an etag built from size and mtime.
+
+        Raises:
+            KneescreenError: a local ``root`` that does not exist.
+        """
+        root = str(root)
+        if is_s3(root):
+            yield from self._list_s3(root, include, exclude, page_size)
+            return
+        base = pathlib.Path(root)
+        if base.is_file():
+            yield ObjectInfo(str(base), base.name, base.stat().st_size, _local_tag(base.stat()))
+            return
+        if not base.is_dir():
+            raise KneescreenError(f"input {root!r} does not exist (expected a folder, file or s3:// prefix)")
+        # os.walk with sorted dirs gives key order without materialising the whole tree.
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = pathlib.Path(dirpath, name)
+                key = path.relative_to(base).as_posix()
+                if name.startswith(".") or not _matches(key, include, exclude):
+                    continue
+                st = path.stat()
+                yield ObjectInfo(str(path), key, st.st_size, _local_tag(st))
+
+    def _list_s3(self, root: str, include, exclude, page_size: int) -> Iterator[ObjectInfo]:
+        bucket, prefix = split_s3(root)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                key = obj["Key"][len(prefix):]
+                if key.endswith("/") or not _matches(key, include, exclude):
+                    continue
+                yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", key, int(obj["Size"]), obj["ETag"].strip('"'))
+
+    def delete_prefix(self, uri: str) -> int:
+        """Delete every object/file below ``uri``; returns how many. Used to drop uncommitted runs."""
+        if is_s3(uri):
+            bucket, prefix = split_s3(uri)
+            n = 0
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+            for page in pages:
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+                if keys:
+                    self.client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+                    n += len(keys)
+            return n
+        path = pathlib.Path(uri)
+        if not path.exists():
+            return 0
+        n = sum(1 for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path)
+        return n
+
+    def list_dirs(self, uri: str) -> list[str]:
+        """Immediate sub-folder names below ``uri`` (S3: common prefixes)."""
+        if is_s3(uri):
+            bucket, prefix = split_s3(uri)
+            prefix = prefix.rstrip("/") + "/" if prefix else ""
+            names = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                names += [cp["Prefix"][len(prefix):].rstrip("/") for cp in page.get("CommonPrefixes", ())]
+            return sorted(names)
+        path = pathlib.Path(uri)
+        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def read_table(self, uri: str) -> list[dict]:
+        """Rows of a CSV or Parquet file as dicts: labels, sidecars, splits."""
+        data = self.read_bytes(uri)
+        if uri.endswith(".parquet"):
+            return pq.read_table(io.BytesIO(data)).to_pylist()
+        return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+
+    def write_csv(self, uri: str, rows: list[dict], fields: list[str] | None = None) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields or (list(rows[0]) if rows else ["key"]))
+        writer.writeheader()
+        writer.writerows(rows)
+        self.write_bytes(uri, buf.getvalue().encode())
+
+    def write_parquet(self, table, uri: str) -> None:
+        """One Parquet file at ``uri`` (parent folders created locally)."""
+        fs, path = self.filesystem(uri)
+        if not is_s3(uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(table, path, filesystem=fs)
+
+    def read_parquet(self, uri: str, **kwargs):
+        """A Parquet file or folder of files as one Arrow table (``partitioning=None``)."""
+        fs, path = self.filesystem(uri)
+        return pq.read_table(path, filesystem=fs, partitioning=None, **kwargs)
+
+    def local_path(self, uri: str) -> str:
+        """Ray Train's ``storage_path``: absolute locally; S3 keeps its URI (pass `filesystem`)."""
+        return uri if is_s3(uri) else os.path.abspath(uri)

@@ -1,0 +1,191 @@
+"""The bundle manifest as frozen dataclasses: the one place a manifest is parsed and serialised.
+
+``manifest.json`` keeps the layout of format ``kneescreen-bundle/1`` (nested JSON objects with
+the field names below), so bundles written before these types existed load unchanged. Parsing is
+strict: a missing required field or an unknown one is a `KneescreenError` that says which, since
+a silently ignored field in a medical model (a threshold, a fusion weight) changes predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+from kneescreen.errors import KneescreenError
+from kneescreen.labels import CLASSES
+
+FORMAT = "kneescreen-bundle/1"
+
+
+@dataclass(frozen=True)
+class MemberManifest:
+    """One ensemble member: how to build it, feed it and calibrate it."""
+
+    architecture: str
+    input_mode: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights_init: str | None = None
+    temperature: float = 1.0
+    file: str | None = None  # weights file inside the bundle, set by `save_bundle`
+
+    @property
+    def name(self) -> str:
+        return f"{self.architecture}-{self.input_mode}"
+
+
+@dataclass(frozen=True)
+class FusionManifest:
+    method: str = "soft"  # kneescreen.model.fusion.FUSION_METHODS
+    weights: tuple[float, ...] | None = None  # member weights for "weighted"
+
+
+@dataclass(frozen=True)
+class CovariateManifest:
+    """The age/sex model (`LogisticModel.to_dict`) and its feature standardisation."""
+
+    model: dict
+    age_mean: float = 65.0
+    age_sd: float = 12.0
+    features: tuple[str, ...] = ("age_z", "female", "age_missing", "sex_missing")
+
+
+@dataclass(frozen=True)
+class StackerManifest:
+    """The fused model (`ProductStacker.to_dict`): covariate x image probabilities."""
+
+    model: dict
+    inputs: tuple[str, ...] = ("covariate_model_probs", "image_ensemble_probs")
+    fit_on: str = "validation"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    threshold: float
+    target_sensitivity: float | None = None
+    sensitivity: float | None = None
+    specificity: float | None = None
+    n_positive: int | None = None
+    n_negative: int | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    low_bmd: Threshold
+    osteoporosis: Threshold
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """Everything but the weights: members, fusion, calibration, covariates, thresholds, lineage."""
+
+    members: tuple[MemberManifest, ...]
+    thresholds: Thresholds
+    classes: tuple[str, ...] = CLASSES
+    fusion: FusionManifest = FusionManifest()
+    predictor: str = "image"  # image | fused: what screening deploys
+    inputs: tuple[str, ...] = ("image",)
+    covariates: CovariateManifest | None = None
+    stacker: StackerManifest | None = None
+    # Each predictor's validation-chosen low-BMD threshold, so evaluations compare predictors
+    # at the same target sensitivity (the deployed one's is `thresholds.low_bmd`).
+    predictor_thresholds: dict = field(default_factory=dict)
+    training_data: dict | None = None
+    train_config: dict | None = None
+    history: dict | None = None
+    files: dict = field(default_factory=dict)  # weights file -> sha256
+    format: str = FORMAT
+    version: str | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({m.image_size for m in self.members})
+
+    def low_bmd_threshold(self, predictor: str) -> float:
+        """One predictor's low-BMD threshold (the deployed predictor's when it has none)."""
+        return float(self.predictor_thresholds.get(predictor, self.thresholds.low_bmd.threshold))
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (None-valued optional sections left out, as format 1 wrote them)."""
+        return _to_json(self)
+
+    def with_version(self) -> BundleManifest:
+        """This manifest with ``version`` set to the content hash of everything else."""
+        return dataclasses.replace(self, version=content_version(self.to_dict()))
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "manifest") -> BundleManifest:
+        """Parse a manifest dict.
+
+        Raises:
+            KneescreenError: wrong format, a missing required field, an unknown field, or a value
+                of the wrong kind; the message names the field.
+        """
+        if data.get("format", FORMAT) != FORMAT:
+            raise KneescreenError(f"{where}: bundle format {data.get('format')!r}, expected {FORMAT!r}; "
+                                  "this kneescreen cannot read it (retrain or upgrade kneescreen)")
+        return _from_json(cls, data, where)
+
+
+def content_version(manifest: dict) -> str:
+    """16 hex digits of sha256 over the manifest body (everything but ``version``/``created``)."""
+    body = {k: v for k, v in manifest.items() if k not in ("version", "created")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _to_json(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None}
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise KneescreenError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    # Written by older code than the dataclasses; carried in no field and never read.
+    unknown = sorted(set(data) - names - {"created"})
+    if unknown:
+        raise KneescreenError(f"{where}: unknown field(s) {unknown}; written by a newer kneescreen? "
+                              f"known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise KneescreenError(f"{where}: missing required field {f.name!r}")
+    return cls(**kwargs)
+
+
+def _convert(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_json(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise KneescreenError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or tp
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise KneescreenError(f"{where}: expected {getattr(expected, '__name__', expected)}, "
+                              f"got {type(value).__name__} {value!r:.40}")
+    return value

@@ -1,0 +1,57 @@
+"""Screening settings: the source of the ``kneescreen screen`` / jobs/screen.py flags, the
+``--config`` YAML keys and the config written beside every run (``configs/run_id=<r>.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kneescreen.config import opt
+from kneescreen.errors import KneescreenError
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """What `run_screen` needs."""
+
+    input: str = opt(help="archive: folder or s3://bucket/prefix")
+    output: str = opt(help="output root: folder or s3://bucket/prefix")
+    bundle: str = opt(help="model bundle folder or s3:// prefix")
+    reference: str | None = opt(None, "labels CSV/Parquet: key|path|sop_instance_uid -> label|t_score")
+    metadata: str | None = opt(None, "sidecar CSV/Parquet: key -> age, sex, site, ... (DICOM headers win)")
+    include: tuple[str, ...] = opt((), "glob on keys to include")
+    exclude: tuple[str, ...] = opt((), "glob on keys to exclude")
+    mode: str = opt("incremental", "incremental: skip (key, etag) already screened by this model version",
+                    choices=("incremental", "full"))
+    # Inference batch: 32 keeps a CPU actor's working set (32 x 224^2 activations) in cache-
+    # friendly sizes; on a GPU raise it (256+) until the GPU is busy.
+    batch_size: int = opt(32, "inference batch size per actor")
+    # Rows per decode task (and per block streaming into the actors). Small enough that the
+    # first inference batch is ready soon after start and every actor has blocks to take; large
+    # enough that per-task overhead stays small next to decoding (bench/screen_bench.py).
+    decode_batch_size: int = opt(32, "images per decode task / block")
+    # None = one per GPU with use_gpu, else one 1-CPU actor per two cluster CPUs (the other half
+    # decodes): two 1-thread processes out-infer one 2-thread process on CPUs (benchmarks.md).
+    actors: int | None = opt(None, "inference actors (default: one per GPU with --use-gpu, else one per 2 CPUs)")
+    # Ray starts 1-CPU actors with one torch thread; on CPU nodes give the actor more so
+    # inference is not the single-threaded bottleneck.
+    actor_cpus: int = opt(1, "CPUs / torch threads per CPU inference actor")
+    use_gpu: bool = opt(False, "one GPU per inference actor")
+    body_part_policy: str = opt("skip", "skip: non-knee DICOM (BodyPartExamined) becomes a skipped row",
+                                choices=("skip", "keep"))
+    max_pixels: int = opt(64_000_000, "refuse images above this many pixels (decompression-bomb guard)")
+    endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+
+    def validate(self) -> None:
+        """Refuse settings that would fail later, before any work starts.
+
+        Raises:
+            KneescreenError: what is wrong and the flag to change.
+        """
+        if self.mode not in ("incremental", "full"):
+            raise KneescreenError(f"--mode must be incremental or full, not {self.mode!r}")
+        if self.body_part_policy not in ("skip", "keep"):
+            raise KneescreenError(f"--body-part-policy must be skip or keep, not {self.body_part_policy!r}")
+        for name in ("batch_size", "decode_batch_size", "actor_cpus", "actors", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {value}")

@@ -1,0 +1,123 @@
+"""The screening pipeline's stages, each testable without Ray.
+
+    decode_stage (CPU tasks: kneescreen.data.decode.decode_batch -> typed block)
+    -> EnsemblePredictor (actor: models built once from the driver-verified bundle)
+    -> to_prediction_table (pure fn: exactly `schema.PREDICTIONS`)
+
+Between stages every block is an Arrow table with fixed column types (`typed_table`), so blocks
+with and without errors concatenate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data.extensions import ArrowTensorArray
+
+from kneescreen.data.decode import DecodeSpec, decode_batch
+from kneescreen.labels import CLASSES
+from kneescreen.model.bundle import Bundle
+from kneescreen.model.manifest import BundleManifest
+from kneescreen.screen.schema import PREDICTIONS
+
+
+def _column(values, field: pa.Field) -> pa.Array:
+    """One column's values -> an Arrow array of the field's type (NaN and None become null)."""
+    vals = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else v
+            for v in (values.tolist() if isinstance(values, np.ndarray) else list(values))]
+    if pa.types.is_boolean(field.type):
+        vals = [None if v is None else bool(v) for v in vals]
+    elif pa.types.is_string(field.type):
+        vals = [None if v is None else str(v) for v in vals]
+    return pa.array(vals, type=field.type)
+
+
+def typed_table(cols: dict) -> pa.Table:
+    """Stage output -> an Arrow table whose column types never depend on the values.
+
+    A block whose error codes happen to be all null must not reach an actor as a float column
+    while the next one is a string column (Ray Data cannot concatenate those into one batch).
+    Scalar columns take their types from `schema.PREDICTIONS`; ``img_<size>`` columns are uint8
+    tensors.
+    """
+    names, arrays = [], []
+    for name, values in cols.items():
+        names.append(name)
+        if name.startswith("img_"):
+            arrays.append(ArrowTensorArray.from_numpy(np.ascontiguousarray(values, dtype=np.uint8)))
+        else:
+            arrays.append(_column(values, PREDICTIONS.field(name)))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def decode_stage(batch: dict, spec: DecodeSpec) -> pa.Table:
+    """Ray Data task: listing rows (key, etag, size) -> typed decoded block."""
+    # Side tables travel as object refs: fetched once per task from the object store.
+    if isinstance(spec.reference, ray.ObjectRef) or isinstance(spec.metadata, ray.ObjectRef):
+        spec = dataclasses.replace(
+            spec, reference=ray.get(spec.reference) if isinstance(spec.reference, ray.ObjectRef) else spec.reference,
+            metadata=ray.get(spec.metadata) if isinstance(spec.metadata, ray.ObjectRef) else spec.metadata)
+    out = decode_batch({k: batch[k] for k in ("key", "etag", "size")}, spec)
+    return typed_table(out)
+
+
+_RESULT_COLUMNS = ("p_normal", "p_osteopenia", "p_osteoporosis", "predicted_class", "risk_score", "low_bmd_flag",
+                   "osteoporosis_flag", "predictor", "covariates_imputed", "infer_ms", "inferred_at")
+
+
+class EnsemblePredictor:
+    """Ray Data actor: builds the bundle's models once from the driver-verified payload.
+
+    Args:
+        payload: ``{"manifest": BundleManifest, "states": [state dicts]}`` (or its ObjectRef).
+        use_gpu: run on this actor's GPU (bf16 autocast).
+        threads: torch threads for CPU inference.
+    """
+
+    def __init__(self, payload, use_gpu: bool = False, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        if isinstance(payload, ray.ObjectRef):
+            payload = ray.get(payload)
+        manifest: BundleManifest = payload["manifest"]
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.bundle = Bundle.from_states(manifest, payload["states"], device)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n = len(batch["key"])
+        ok = np.asarray(batch["status"] == "ok", bool)
+        res = {k: np.full(n, None, dtype=object) for k in _RESULT_COLUMNS}
+        if ok.any():
+            started = _dt.datetime.now(_dt.timezone.utc)
+            t0 = time.perf_counter()
+            idx = np.nonzero(ok)[0]
+            ages = [None if np.isnan(a) else float(a) for a in batch["age"][idx]]
+            with torch.inference_mode():
+                pred = self.bundle.predict({s: batch[f"img_{s}"][idx] for s in self.bundle.sizes},
+                                           ages, list(batch["sex"][idx]))
+            for i, c in enumerate(("p_normal", "p_osteopenia", "p_osteoporosis")):
+                res[c][idx] = pred.probs[:, i]
+            res["predicted_class"][idx] = [CLASSES[i] for i in pred.pred]
+            res["risk_score"][idx] = pred.low_bmd_score
+            res["low_bmd_flag"][idx] = pred.low_bmd_flag
+            res["osteoporosis_flag"][idx] = pred.osteoporosis_flag
+            res["predictor"][idx] = pred.predictor
+            res["covariates_imputed"][idx] = pred.covariates_imputed
+            res["infer_ms"][idx] = (time.perf_counter() - t0) * 1000 / len(idx)
+            res["inferred_at"][idx] = started
+        out = {k: v for k, v in batch.items() if not k.startswith("img_")}
+        out.update(res)
+        return typed_table(out)
+
+
+def to_prediction_table(batch: dict, run_id: str, model_version: str, screened_at: _dt.datetime) -> pa.Table:
+    """A batch of predictor output -> an Arrow table in exactly `schema.PREDICTIONS`."""
+    n = len(batch["key"])
+    run = {"run_id": run_id, "model_version": model_version, "screened_at": screened_at}
+    cols = {f.name: _column([run[f.name]] * n if f.name in run else batch[f.name], f) for f in PREDICTIONS}
+    return pa.Table.from_pydict(cols, schema=PREDICTIONS)

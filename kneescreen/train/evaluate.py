@@ -1,0 +1,124 @@
+"""`kneescreen evaluate`: every member, the image ensemble, covariates-only and the fused model
+on held-out images, with intervals; JSON + Parquet + a printed table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from kneescreen._private.cluster import ensure_ray
+from kneescreen.config import opt
+from kneescreen.data.datasets import load_split
+from kneescreen.io.store import Store, join
+from kneescreen.labels import CLASSES, age_band
+from kneescreen.metrics import binary_counts, classification_report
+from kneescreen.model.bundle import Bundle, load_bundle
+from kneescreen.train.data import load_arrays, subset
+
+_logger = logging.getLogger(__name__)
+
+
+def predictor_outputs(bundle: Bundle, data: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (probs, pred) for members, image ensemble, covariates-only and fused."""
+    pred = bundle.predict(data["images"], data["age"], data["sex"])
+    out = {}
+    for spec, p in zip(bundle.manifest.members, pred.member_probs):
+        out[f"member:{spec.name}"] = (p, p.argmax(1))
+    out[f"image_ensemble:{bundle.manifest.fusion.method}"] = (pred.image_probs, bundle.image_ensemble(pred.member_probs)[1])
+    if bundle.covariate_model is not None:
+        cp, _ = bundle.covariate_probs(data["age"], data["sex"])
+        out["covariates_only"] = (cp, cp.argmax(1))
+        out["fused"] = (pred.probs, pred.pred)
+    return out
+
+
+def _by_age_band(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, ages: list) -> dict:
+    """Is the image model reading bone or age? Its balanced accuracy within age bands."""
+    bands = {}
+    for band in sorted({b for b in map(age_band, ages) if b}):
+        m = np.array([age_band(a) == band for a in ages])
+        if m.sum() >= 5:
+            bands[band] = {"n": int(m.sum()), "balanced_accuracy": classification_report(
+                y[m], probs[m], CLASSES, pred=pred[m], n_boot=200)["balanced_accuracy"]}
+    return bands
+
+
+def evaluate_arrays(bundle: Bundle, data: dict, n_boot: int = 1000) -> dict:
+    """Every predictor of ``bundle`` on labelled arrays, with intervals (JSON-ready dict)."""
+    y = np.asarray(data["label"], int)
+    report = {"bundle_version": bundle.version, "n": int(len(y)), "predictors": {}}
+    outputs = predictor_outputs(bundle, data)
+    for name, (probs, pred) in outputs.items():
+        r = classification_report(y, probs, CLASSES, pred=pred, n_boot=n_boot)
+        r["low_bmd_threshold"] = bundle.manifest.low_bmd_threshold(name)
+        r["low_bmd"] = binary_counts(y >= 1, (probs[:, 1] + probs[:, 2]) >= r["low_bmd_threshold"])
+        report["predictors"][name] = r
+    probs, pred = outputs[f"image_ensemble:{bundle.manifest.fusion.method}"]
+    report["image_ensemble_by_age_band"] = _by_age_band(y, probs, pred, list(data["age"]))
+    return report
+
+
+def evaluate_bundle(bundle_uri: str, data: dict, store: Store | None = None, n_boot: int = 1000) -> dict:
+    return evaluate_arrays(load_bundle(bundle_uri, store=store), data, n_boot=n_boot)
+
+
+def format_table(report: dict) -> str:
+    """The evaluation table people read in a terminal."""
+
+    def ci(r, k):
+        v, lo, hi = r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi")
+        if v is None:
+            return "n/a"
+        return f"{v:.2f} [{lo:.2f}-{hi:.2f}]" if lo is not None and hi is not None else f"{v:.2f}"
+
+    head = f"{'predictor':38s} {'bal.acc [95% CI]':>18s} {'macro-F1 [95% CI]':>18s} {'OP AUC [95% CI]':>18s} " \
+           f"{'lowBMD sens':>18s} {'lowBMD spec':>18s} {'Brier':>6s}"
+    lines = [f"n = {report['n']} held-out images, bundle {report['bundle_version']}", head, "-" * len(head)]
+    for name, r in report["predictors"].items():
+        op = r["per_class"]["osteoporosis"]
+        lines.append(f"{name:38s} {ci(r, 'balanced_accuracy'):>18s} {ci(r, 'macro_f1'):>18s} {ci(op, 'auc'):>18s} "
+                     f"{ci(r['low_bmd'], 'sensitivity'):>18s} {ci(r['low_bmd'], 'specificity'):>18s} {r['brier']:6.3f}")
+    return "\n".join(lines)
+
+
+def report_rows(report: dict) -> list[dict]:
+    """Flat rows (one per predictor x class) for Parquet."""
+    rows = []
+    for name, r in report["predictors"].items():
+        for cls, c in r["per_class"].items():
+            rows.append({"predictor": name, "class": cls, **{k: c[k] for k in (
+                "tp", "tn", "fp", "fn", "sensitivity", "sensitivity_lo", "sensitivity_hi", "specificity",
+                "specificity_lo", "specificity_hi", "ppv", "npv", "f1", "auc", "auc_lo", "auc_hi", "support")},
+                "balanced_accuracy": r["balanced_accuracy"], "macro_f1": r["macro_f1"], "accuracy": r["accuracy"],
+                "brier": r["brier"], "ece": r["ece"], "n": r["n"]})
+    return rows
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``kneescreen evaluate`` settings."""
+
+    bundle: str = opt(help="bundle folder or s3:// prefix")
+    split_dir: str = opt(help="folder or prefix holding split.csv (from `split` or `train`)")
+    split: str = opt("test", "which split to evaluate on", choices=("train", "val", "test"))
+    out: str | None = opt(None, "where to write <split>.json/.parquet (default: <bundle>/evaluation)")
+    endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+
+
+def run_evaluate(cfg: EvaluateConfig, store: Store | None = None) -> dict:
+    """Evaluate a bundle on one split of a ``split.csv``; print the table, write JSON + Parquet."""
+    store = store or Store.resolve(cfg.endpoint_url)
+    ensure_ray()
+    bundle = load_bundle(cfg.bundle, store=store)
+    rows = [r for r in load_split(cfg.split_dir, store) if r["split"] == cfg.split]
+    arrays = load_arrays(rows, bundle.sizes, store)
+    report = evaluate_arrays(bundle, subset(arrays, np.ones(len(arrays["label"]), bool)))
+    print(format_table(report))
+    out_dir = cfg.out or join(cfg.bundle, "evaluation")
+    store.write_bytes(join(out_dir, f"{cfg.split}.json"), json.dumps(report, indent=2, default=float).encode())
+    store.write_parquet(pa.Table.from_pylist(report_rows(report)), join(out_dir, f"{cfg.split}.parquet"))
+    return report

@@ -1,0 +1,144 @@
+"""The per-worker Ray Train loop for one ensemble member.
+
+Every worker trains on its shard of the training set and scores the whole validation set; the
+all-reduced macro-F1 decides early stopping, so all ranks stop on the same epoch. Rank 0 writes a
+checkpoint every epoch; a rerun with the same run name resumes from the latest one (Train V2).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from kneescreen.data.preprocess import augment, to_input
+from kneescreen.labels import CLASSES
+from kneescreen.metrics import macro_f1
+from kneescreen.model.registry import create_model
+
+_STATE_KEYS = ("epoch", "best_f1", "best_state", "bad_epochs")
+
+
+def _setup(config: dict, device: torch.device):
+    """Model (DDP-wrapped), optimiser, schedule, class-weighted loss, and the resumable state."""
+    model = create_model(config["architecture"], len(CLASSES), config["input_mode"], config["weights"],
+                         store=config["store"])
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config["epochs"])
+    counts = np.asarray(config["class_counts"], float)
+    class_w = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    state = {"epoch": 0, "best_f1": -1.0, "best_state": None, "bad_epochs": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        (model.module if hasattr(model, "module") else model).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        state = {k: saved[k] for k in _STATE_KEYS}
+        if ray.train.get_context().get_world_rank() == 0:
+            print(f"[{config['member']}] resumed from checkpoint after epoch {state['epoch']}", flush=True)
+    return model, opt, sched, torch.nn.CrossEntropyLoss(weight=class_w), state
+
+
+def _train_epoch(model, opt, loss_fn, shard, config: dict, epoch: int, gen: torch.Generator, device) -> tuple:
+    """One pass over this worker's shard. Returns (images seen, summed loss, seconds)."""
+    model.train()
+    use_gpu = device.type == "cuda"
+    img_key = f"img_{config['size']}"
+    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    for batch in shard.iter_torch_batches(batch_size=config["batch_size"], dtypes=None, device="cpu",
+                                          local_shuffle_buffer_size=256, local_shuffle_seed=config["seed"] + epoch):
+        x = to_input(augment(batch[img_key], gen), config["input_mode"], config["mean"], config["std"]).to(device)
+        if use_gpu:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["label"].long().to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_gpu):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+    return seen, loss_sum, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _validate(model, shard, config: dict, device) -> float:
+    """Macro-F1 of this worker's model on the full validation set."""
+    model.eval()
+    img_key = f"img_{config['size']}"
+    ys, preds = [], []
+    for batch in shard.iter_torch_batches(batch_size=64, dtypes=None, device="cpu"):
+        x = to_input(batch[img_key], config["input_mode"], config["mean"], config["std"]).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            preds.append(model(x).float().argmax(1).cpu().numpy())
+        ys.append(batch["label"].numpy())
+    return macro_f1(np.concatenate(ys), np.concatenate(preds), len(CLASSES))
+
+
+def _all_reduce(f1: float, loss_sum: float, seen: int, train_s: float, world: int) -> tuple:
+    """Mean F1 and seconds, summed loss and images, over the workers."""
+    stats = torch.tensor([f1, loss_sum, seen, train_s], dtype=torch.float64)
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+        stats[0] /= world
+        stats[3] /= world
+    return tuple(float(v) for v in stats)
+
+
+def _report(model, opt, sched, state: dict, metrics: dict, config: dict, rank: int) -> None:
+    """Rank 0 checkpoints (model, optimiser, schedule, early-stopping state); all ranks report."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"model": unwrapped.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        **state}, os.path.join(d, "state.pt"))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+            print(f"[{config['member']}] epoch {metrics['epoch']}/{config['epochs']} loss {metrics['train_loss']:.3f} "
+                  f"val macro-F1 {metrics['val_macro_f1']:.3f} (best {state['best_f1']:.3f}) "
+                  f"{metrics['train_images_per_s']:.1f} img/s", flush=True)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point (``train_loop_per_worker``) for one member."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    np.random.seed(config["seed"] + rank)
+    torch.set_num_threads(config["threads"])
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    device = ray.train.torch.get_device()
+    model, opt, sched, loss_fn, state = _setup(config, device)
+    unwrapped = model.module if hasattr(model, "module") else model
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(state["epoch"], config["epochs"]):
+        seen, loss_sum, train_s = _train_epoch(model, opt, loss_fn, train_shard, config, epoch, gen, device)
+        sched.step()
+        f1 = _validate(model, val_shard, config, device)
+        f1, loss_total, seen_total, train_s = _all_reduce(f1, loss_sum, seen, train_s, world)
+        if f1 > state["best_f1"]:
+            state["best_f1"], state["bad_epochs"] = f1, 0
+            state["best_state"] = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1), "val_macro_f1": f1,
+                   "best_val_macro_f1": state["best_f1"], "train_images_per_s": seen_total / max(train_s, 1e-9),
+                   "lr": sched.get_last_lr()[0]}
+        _report(model, opt, sched, state, metrics, config, rank)
+        if state["bad_epochs"] >= config["patience"]:
+            if rank == 0:
+                print(f"[{config['member']}] early stop: no val macro-F1 gain in {config['patience']} epochs", flush=True)
+            break
