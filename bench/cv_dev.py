@@ -11,7 +11,7 @@ import os
 import time
 
 from kneescreen.train.cv import run_cv
-from kneescreen.train.run import MemberSpec, TrainConfig
+from kneescreen.train.config import TrainConfig
 
 
 def main(argv=None) -> int:
@@ -23,12 +23,13 @@ def main(argv=None) -> int:
     p.add_argument("--members", default="efficientnet_lite0:gray,efficientnet_lite0:rgb,efficientnet_lite1:gray")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    members = tuple(MemberSpec(a, m, "imagenet", args.size) for a, m in (x.split(":") for x in args.members.split(",")))
-    cfg = TrainConfig(members=members, epochs=args.epochs, patience=4, num_workers=1, cpus_per_worker=2,
+    cfg = TrainConfig(data=os.path.abspath(args.source), out=os.path.abspath("bench/results"),
+                      members=tuple(args.members.split(",")), weights="imagenet", image_size=args.size,
+                      epochs=args.epochs, patience=4, num_workers=1, cpus_per_worker=2,
                       storage_path=os.path.abspath("bench/results/cv-runs"), name=f"cv-{int(time.time())}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t0 = time.time()
-    res = run_cv(os.path.abspath(args.source), os.path.abspath(args.out), cfg)
+    res = run_cv(cfg, os.path.abspath(args.out))
     print(f"done in {time.time() - t0:.0f} s; n={res['n']}")
     return 0
 

@@ -51,7 +51,9 @@ def gpu_rate(batch: int, n: int, device: str = "cuda") -> float:
     from kneescreen.model.bundle import Bundle
     from kneescreen.model.registry import create_model
 
-    manifest = {**bench_manifest(160), "version": "bench"}
+    import dataclasses
+
+    manifest = dataclasses.replace(bench_manifest(160), version="bench")
     model = create_model("efficientnet_lite0", 3, "gray", weights=None).to(device).eval()
     b = Bundle(manifest, [model], device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -5,7 +5,7 @@ Usage: .venv/bin/python bench/reader_cost.py [--rows 3000 --cols 2500] [--baseli
 A synthetic 12-bit uncompressed DX (smooth anatomy-like field plus noise), with a VOI window in
 the header and without one (percentile window). Best of 5 calls each, with the pixel hash
 (duplicate audits) and without it (screening). `--baseline` times another reader file too
-(e.g. `git show COMMIT:kneescreen/reader.py > /tmp/old_reader.py`), with its defaults.
+(e.g. `git show COMMIT:kneescreen/io/reader.py > /tmp/old_reader.py`), with its defaults.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def best_ms(fn, n: int = 5) -> float:
 
 
 def main(argv=None) -> int:
-    from kneescreen import reader
+    from kneescreen.io import reader
 
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=3000)

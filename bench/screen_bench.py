@@ -38,16 +38,18 @@ import numpy as np  # noqa: E402
 os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "benchmark-key-0123456789")
 
 
-def bench_manifest(size: int) -> dict:
+def bench_manifest(size: int):
     """A one-member bundle manifest: EfficientNet-Lite0 gray at ``size`` px, soft fusion."""
     from kneescreen.model.registry import normalisation
 
     mean, std = normalisation("efficientnet_lite0", "gray")
-    return {"classes": ["normal", "osteopenia", "osteoporosis"],
+    from kneescreen.model.manifest import BundleManifest
+
+    return BundleManifest.from_dict({"classes": ["normal", "osteopenia", "osteoporosis"],
             "members": [{"architecture": "efficientnet_lite0", "input_mode": "gray", "image_size": size,
                          "mean": list(mean), "std": list(std), "temperature": 1.0, "weights_init": "imagenet"}],
             "fusion": {"method": "soft", "weights": None}, "predictor": "image", "inputs": ["image"],
-            "thresholds": {"low_bmd": {"threshold": 0.5}, "osteoporosis": {"threshold": 0.3}}}
+            "thresholds": {"low_bmd": {"threshold": 0.5}, "osteoporosis": {"threshold": 0.3}}})
 
 
 def make_bundle(path: str, size: int) -> None:
@@ -188,9 +190,9 @@ def main(argv=None) -> int:
     import ray
 
     from kneescreen.data.synth import SynthConfig, write_archive
+    from kneescreen._private.cluster import ensure_ray
     from kneescreen.screen.config import ScreenConfig
-from kneescreen.screen.pipeline import resolve_actors, run_screen
-    from kneescreen.train.run import ensure_ray
+    from kneescreen.screen.pipeline import resolve_actors, run_screen
 
     p = argparse.ArgumentParser()
     p.add_argument("--small", type=int, default=150)

@@ -19,7 +19,10 @@ import numpy as np  # noqa: E402
 
 def main(argv=None) -> int:
     from kneescreen.model.registry import get_spec
-    from kneescreen.train.run import MemberSpec, TrainConfig, ensure_ray, train_member
+    from kneescreen._private.cluster import ensure_ray
+    from kneescreen.io.store import Store
+    from kneescreen.train.config import TrainConfig
+    from kneescreen.train.run import train_member
 
     p = argparse.ArgumentParser()
     p.add_argument("--members", default="test_cnn,efficientnet_lite0,resnet18")
@@ -37,10 +40,10 @@ def main(argv=None) -> int:
                 "label": rng.integers(0, 3, args.n)}
         val = {"images": {size: data["images"][size][:8]}, "label": data["label"][:8]}
         for workers, threads in ((1, 2), (2, 1)):
-            cfg = TrainConfig(members=(MemberSpec(name, "gray", None),), epochs=args.epochs, batch_size=16,
-                              num_workers=workers, cpus_per_worker=threads, patience=99, storage_path=work,
-                              name=f"{name}-{workers}w")
-            _, history = train_member(cfg.members[0], data, val, cfg, cfg.name)
+            cfg = TrainConfig(data="", out=work, members=(f"{name}:gray",), weights="none", image_size=0,
+                              epochs=args.epochs, batch_size=16, num_workers=workers, cpus_per_worker=threads,
+                              patience=99, name=f"{name}-{workers}w")
+            _, history = train_member(cfg.member_specs()[0], data, val, cfg, cfg.name, Store())
             rate = history[-1]["train_images_per_s"]
             rows.append({"member": name, "input_size": size, "workers": workers, "threads_per_worker": threads,
                          "train_images_per_s": round(rate, 2)})

@@ -21,7 +21,7 @@ from kneescreen.demo import DemoConfig, run_demo
 from kneescreen.errors import KneescreenError
 from kneescreen.io.inspect import InspectConfig, run_inspect
 from kneescreen.io.reader import ReaderConfig
-from kneescreen.io.store import Store
+from kneescreen.io.store import Store, join
 from kneescreen.report import ReportConfig, build_report
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.pipeline import run_screen
@@ -57,12 +57,17 @@ def _run_inspect(cfg: InspectConfig) -> int:
 
 
 def _run_synth(cfg: SynthCommand) -> int:
-    print(json.dumps(write_archive(cfg.out, cfg.synth, Store.resolve(cfg.endpoint_url)), indent=2))
+    store = Store.resolve(cfg.endpoint_url)
+    summary = write_archive(cfg.out, cfg.synth, store)
+    store.write_bytes(join(cfg.out, "synth_config.yaml"), cfglib.dump_yaml(cfg).encode())
+    print(json.dumps(summary, indent=2))
     return 0
 
 
 def _run_split(cfg: SplitCommand) -> int:
-    audit = run_split(cfg.source, cfg.out, cfg.split, images_root=cfg.images_root, store=Store.resolve(cfg.endpoint_url))
+    store = Store.resolve(cfg.endpoint_url)
+    audit = run_split(cfg.source, cfg.out, cfg.split, images_root=cfg.images_root, store=store)
+    store.write_bytes(join(cfg.out, "split_config.yaml"), cfglib.dump_yaml(cfg).encode())
     print(json.dumps(audit["summary"], indent=2))
     return 0 if audit["summary"]["leaks"] == 0 else 1
 

@@ -13,7 +13,7 @@ OSTEOPOROSIS_AT_OR_BELOW = -2.5
 
 def t_score_to_class(t: float) -> str:
     """WHO class for a T-score."""
-    if t is None or (isinstance(t, float) and math.isnan(t)):
+    if t is None or math.isnan(float(t)):
         raise ValueError("T-score is missing")
     if t <= OSTEOPOROSIS_AT_OR_BELOW:
         return "osteoporosis"

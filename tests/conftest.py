@@ -104,6 +104,26 @@ def small_archive(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def labels(small_archive) -> dict[str, dict]:
+    """``small_archive``'s labels.csv rows by key."""
+    import csv
+
+    root, _ = small_archive
+    with open(root / "labels.csv") as fh:
+        return {r["key"]: r for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="session")
+def planted(small_archive) -> dict[str, str]:
+    """``small_archive``'s planted bad objects: key -> the error code they must produce."""
+    import csv
+
+    root, _ = small_archive
+    with open(root / "planted.csv") as fh:
+        return {r["key"]: r["expected"] for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="session")
 def train_archive(tmp_path_factory):
     """A 48-image synthetic DICOM archive (24 patients) for training tests."""
     from kneescreen.data.synth import SynthConfig, write_archive
@@ -156,3 +176,19 @@ def tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
     save_bundle(str(out), BundleManifest.from_dict(manifest), [create_model("test_cnn", 3, "gray").state_dict()])
     return str(out)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers follow the fixtures, so `-m "not s3"` / `-m "not ray"` select consistently, and
+    `gpu` tests skip (with the reason) where CUDA is absent."""
+    import torch
+
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device (run on a GPU node: pytest -m gpu)")
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & {"s3_server", "s3_bucket"}:
+            item.add_marker(pytest.mark.s3)
+        if "ray_local" in fixtures:
+            item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)

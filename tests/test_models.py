@@ -88,3 +88,20 @@ def test_lite_block_table_matches_the_packaged_weights():
         sd = torch.load(lite_weights_path(v), map_location="cpu", weights_only=True)
         random_init = build_lite(v, pretrained=False)
         assert {k: tuple(t.shape) for k, t in random_init.state_dict().items()} == {k: tuple(t.shape) for k, t in sd.items()}
+
+
+@pytest.mark.gpu
+def test_bundle_inference_on_cuda_matches_cpu():
+    """The screening actor's GPU path (bf16 autocast) agrees with CPU on the packaged model."""
+    from kneescreen.model.bundle import Bundle
+    from kneescreen.model.ensemble import member_manifest
+    from kneescreen.model.manifest import BundleManifest, Threshold, Thresholds
+
+    manifest = BundleManifest(members=(member_manifest("efficientnet_lite0", "gray", 160, "imagenet"),),
+                              thresholds=Thresholds(Threshold(0.5), Threshold(0.3)))
+    state = create_model("efficientnet_lite0", 3, "gray", "imagenet").state_dict()
+    imgs = {160: np.random.default_rng(0).integers(0, 255, (16, 160, 160), dtype=np.uint8)}
+    cpu = Bundle.from_states(manifest, [state]).predict(imgs).probs
+    gpu = Bundle.from_states(manifest, [state], device="cuda").predict(imgs).probs
+    assert np.abs(cpu - gpu).max() < 0.05  # bf16 rounding, same classes
+    assert (cpu.argmax(1) == gpu.argmax(1)).mean() >= 0.9

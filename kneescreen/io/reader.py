@@ -29,6 +29,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pydicom
+from PIL import Image, ImageOps
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from kneescreen.errors import DecodeError
 
@@ -240,7 +247,6 @@ def _parse_age(age: str | None, birth: str | None, study: str | None) -> float |
 
 
 def _read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
-    from PIL import Image, ImageOps
 
     fmt = "png" if data.startswith(_PNG_MAGIC) else "jpeg"
     notes: list[str] = []
@@ -302,10 +308,8 @@ def _looks_like_dicom(ds) -> bool:
     return len(keys & core) >= 2
 
 
-def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+def _parse_header(data: bytes):
+    """(data set, header warnings) or DecodeError: not_dicom / truncated / malformed."""
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -332,8 +336,15 @@ def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
             "DICOM file ends before its data set does (incomplete transfer or copy)"
             + (f": {ended_early[0][:200]}" if ended_early else ""),
         )
+    return ds, header_notes
 
-    meta = _dicom_meta(ds)
+
+def _check_image_header(ds, meta: RadiographMeta, config: ReaderConfig) -> list[str]:
+    """Refuse objects without a usable grayscale image before decoding any pixels.
+
+    Returns:
+        Notes for the radiograph's warnings (multi-frame).
+    """
     if "PixelData" not in ds:
         kind = "FloatPixelData" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else None
         what = f"{kind} (float images are not radiographs)" if kind else "no Pixel Data element"
@@ -342,7 +353,6 @@ def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
             "no_pixel_data",
             f"DICOM object has {what}" + (f"; SOP class {pydicom.uid.UID(sop).name}" if sop else ""),
         )
-    tsyntax = meta.transfer_syntax
     photometric = meta.photometric
     if photometric is None:
         raise DecodeError("pixel_header_mismatch", "Photometric Interpretation (0028,0004) is missing")
@@ -360,15 +370,21 @@ def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
             f"{meta.rows}x{meta.cols} = {meta.rows * meta.cols} pixels exceeds the limit of "
             f"{config.max_pixels}",
         )
-    notes = list(header_notes)
     if meta.frames > 1:
         if config.multiframe == "reject":
             raise DecodeError("multiframe", f"multi-frame object ({meta.frames} frames) refused by policy")
-        notes.append(f"multi-frame object: decoded frame 1 of {meta.frames}")
+        return [f"multi-frame object: decoded frame 1 of {meta.frames}"]
+    return []
 
-    if tsyntax in _J2K_SYNTAXES:
+
+def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
+    ds, notes = _parse_header(data)
+    meta = _dicom_meta(ds)
+    notes += _check_image_header(ds, meta, config)
+    photometric = meta.photometric
+    if meta.transfer_syntax in _J2K_SYNTAXES:
         _check_j2k_header(ds, meta)
-    stored = _decode_pixels(ds, tsyntax)
+    stored = _decode_pixels(ds, meta.transfer_syntax)
     if stored.ndim == 3 and photometric in _COLOUR:
         notes.append(f"{photometric} object converted to luminance")
         lum = stored[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
@@ -384,8 +400,6 @@ def _read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:
 
 
 def _decode_pixels(ds, tsyntax: str | None) -> np.ndarray:
-    from pydicom.pixels import get_decoder, pixel_array
-    from pydicom.uid import UID
 
     uid = UID(tsyntax) if tsyntax else None
     if uid is None:
@@ -443,7 +457,6 @@ def _check_j2k_header(ds, meta: RadiographMeta) -> None:
     disagree (pydicom can silently "correct" the sign), so the mismatch is refused here instead.
     SIZ layout: ITU-T T.800 A.5.1.
     """
-    from pydicom.encaps import generate_frames
 
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=meta.frames))
@@ -481,7 +494,6 @@ def _check_j2k_header(ds, meta: RadiographMeta) -> None:
 
 
 def _display(stored: np.ndarray, ds, photometric: str) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi
 
     voi_seq = ds.get("VOILUTSequence")
     centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
@@ -529,27 +541,33 @@ def _window(x: np.ndarray, c: float, w: float, function: str) -> np.ndarray:
     return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
 
 
-def _dicom_meta(ds) -> RadiographMeta:
-    meta_ts = None
+def _transfer_syntax(ds) -> str | None:
+    """The data set's transfer syntax; for raw data sets (no file meta) the one pydicom inferred
+    while parsing, written into a new file meta so the pixel decoders can find it."""
     fm = getattr(ds, "file_meta", None)
     if fm is not None and "TransferSyntaxUID" in fm:
-        meta_ts = str(fm.TransferSyntaxUID)
-    if meta_ts is None:
-        # No file meta (raw dataset): pydicom has guessed the encoding while parsing.
-        if getattr(ds, "is_little_endian", None) is not None:
-            from pydicom.uid import (
-                ExplicitVRBigEndian,
-                ExplicitVRLittleEndian,
-                ImplicitVRLittleEndian,
-            )
+        return str(fm.TransferSyntaxUID)
+    meta_ts = None
+    if getattr(ds, "is_little_endian", None) is not None:
+        if not ds.is_little_endian:
+            meta_ts = str(ExplicitVRBigEndian)
+        else:
+            meta_ts = str(ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian)
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if meta_ts:
+        ds.file_meta.TransferSyntaxUID = meta_ts
+    return meta_ts
 
-            if not ds.is_little_endian:
-                meta_ts = str(ExplicitVRBigEndian)
-            else:
-                meta_ts = str(ImplicitVRLittleEndian if ds.is_implicit_VR else ExplicitVRLittleEndian)
-        ds.file_meta = getattr(ds, "file_meta", None) or __import__("pydicom").dataset.FileMetaDataset()
-        if meta_ts:
-            ds.file_meta.TransferSyntaxUID = meta_ts
+
+def _int(ds, tag: str, default: int | None) -> int | None:
+    try:
+        return int(ds.get(tag)) if ds.get(tag) is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _dicom_meta(ds) -> RadiographMeta:
+    meta_ts = _transfer_syntax(ds)
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     try:
         spacing_t = (float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else None
@@ -559,26 +577,15 @@ def _dicom_meta(ds) -> RadiographMeta:
         spacing_t = None
     sex = _str(ds, "PatientSex")
     sex = sex.upper()[:1] if sex and sex.upper()[:1] in ("M", "F", "O") else None
-    try:
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        frames = 1
-    try:
-        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    except (TypeError, ValueError):
-        rows, cols = 0, 0
-    try:
-        bits = int(ds.get("BitsStored")) if ds.get("BitsStored") is not None else None
-    except (TypeError, ValueError):
-        bits = None
+    rows, cols = _int(ds, "Rows", 0) or 0, _int(ds, "Columns", 0) or 0
     return RadiographMeta(
         format="dicom",
         rows=rows,
         cols=cols,
         photometric=_str(ds, "PhotometricInterpretation"),
         transfer_syntax=meta_ts,
-        bits_stored=bits,
-        frames=max(frames, 1),
+        bits_stored=_int(ds, "BitsStored", None),
+        frames=max(_int(ds, "NumberOfFrames", 1) or 1, 1),
         modality=_str(ds, "Modality"),
         body_part=_str(ds, "BodyPartExamined"),
         laterality=_str(ds, "ImageLaterality") or _str(ds, "Laterality"),

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from kneescreen._private.cluster import ensure_ray
-from kneescreen.config import opt
+from kneescreen.config import dump_yaml, opt
 from kneescreen.data.datasets import load_split
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES, age_band
@@ -121,4 +121,5 @@ def run_evaluate(cfg: EvaluateConfig, store: Store | None = None) -> dict:
     out_dir = cfg.out or join(cfg.bundle, "evaluation")
     store.write_bytes(join(out_dir, f"{cfg.split}.json"), json.dumps(report, indent=2, default=float).encode())
     store.write_parquet(pa.Table.from_pylist(report_rows(report)), join(out_dir, f"{cfg.split}.parquet"))
+    store.write_bytes(join(out_dir, f"{cfg.split}_config.yaml"), dump_yaml(cfg).encode())
     return report
