@@ -5,6 +5,7 @@ Usage: python tests/s3_cli_driver.py ENDPOINT BUCKET REPORT_DIR
 
 from __future__ import annotations
 
+import os
 import sys
 
 import yaml
@@ -26,6 +27,7 @@ def replay_written_config(ep: str, b: str, report_dir: str) -> None:
     written = [o.uri for o in store.list_objects(f"s3://{b}/out/configs")]
     values = yaml.safe_load(store.read_bytes(written[0]))
     values["mode"] = "full"
+    os.makedirs(report_dir, exist_ok=True)
     path = f"{report_dir}/replay.yaml"
     with open(path, "w") as fh:
         yaml.safe_dump(values, fh)

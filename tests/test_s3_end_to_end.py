@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kneescreen.io.store import Store
-from kneescreen.model.registry import TestCNN
+from kneescreen.model import registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def s3_run(s3_server, tmp_path_factory):
     bucket = "e2e-endpoint"
     store.client.create_bucket(Bucket=bucket)
     buf = io.BytesIO()
-    torch.save(TestCNN().state_dict(), buf)  # a 1000-class "ImageNet" state dict for --weights
+    torch.save(registry.TestCNN().state_dict(), buf)  # a 1000-class "ImageNet" state dict for --weights
     store.write_bytes(f"s3://{bucket}/weights/test_cnn-imagenet.pt", buf.getvalue())
     work = tmp_path_factory.mktemp("s3e2e")
     cwd, report = work / "cwd", work / "report"
