@@ -49,7 +49,7 @@ def _fold(f: int, k: int, arrays: dict, cfg: TrainConfig, store: Store, fusion_m
             d["low"].append((probs[:, 1] + probs[:, 2]) >= manifest.low_bmd_threshold(name))
 
 
-def _pooled(oof: dict, y: np.ndarray, ages: list) -> dict:
+def pooled_report(oof: dict, y: np.ndarray, ages: list) -> dict:
     """Metrics with intervals on the pooled out-of-fold predictions of every predictor."""
     out = {}
     for name, d in oof.items():
@@ -89,6 +89,6 @@ def run_cv(cfg: TrainConfig, out_json: str, fusion_methods=FUSION_RULES, store: 
     y = np.concatenate(labels)
     results = {"n": int(len(y)), "folds": k, "config": to_flat_dict(cfg),
                "class_counts": dict(zip(CLASSES, np.bincount(y, minlength=3).tolist())),
-               "predictors": _pooled(oof, y, ages)}
+               "predictors": pooled_report(oof, y, ages)}
     store.write_bytes(out_json, json.dumps(results, indent=2, default=float).encode())
     return results
