@@ -5,8 +5,10 @@
 
     ray job submit --working-dir . -- python jobs/screen.py --config screen.yaml
 
-Set KNEESCREEN_PSEUDONYM_KEY (a secret) in the job's environment. Every run writes its resolved
-settings to <output>/configs/run_id=<r>.yaml, which replays it with --config.
+The driver needs the pseudonymisation key: KNEESCREEN_PSEUDONYM_KEY_FILE naming a file that holds
+it (the KubeRay manifests mount a Secret there) or KNEESCREEN_PSEUDONYM_KEY, set where the cluster's
+head node starts, never in --runtime-env-json (`ray job list` shows it; docs/operations.md). Every
+run writes its resolved settings to <output>/configs/run_id=<r>.yaml, which replays it with --config.
 """
 
 from __future__ import annotations

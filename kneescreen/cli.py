@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kneescreen import config as cfglib
+from kneescreen._private import console
 from kneescreen.config import opt
 from kneescreen.data.datasets import SplitConfig, run_split
 from kneescreen.data.synth import SynthConfig, write_archive
@@ -115,7 +116,8 @@ def _add_common(p: argparse.ArgumentParser, cls: type) -> None:
     cfglib.add_arguments(p, cls)
     cfglib.add_config_flag(p)
     p.add_argument("--dry-run", action="store_true", help="validate the settings, print them resolved, and stop")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and Ray's own output on the console (else it goes to <output>/logs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,17 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # openjpeg logs every encoded tile at INFO; keep the CLI's output about kneescreen.
-    logging.getLogger("openjpeg").setLevel(logging.WARNING)
-    # pydicom logs a traceback for each decoder failure; those failures are already error rows
-    # with a code and message, so its logger is kept to critical events in the CLI.
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+def _setup_logging(verbose: bool, command: str = "kneescreen", cfg=None) -> None:
+    """Logging for one command: stage lines and a progress line on the console, everything else
+    (Ray's dataset dumps, internal warnings, worker output) in ``<output>/logs/`` unless
+    ``--verbose`` (`kneescreen._private.console`)."""
+    output = next((getattr(cfg, a) for a in ("out", "output") if isinstance(getattr(cfg, a, None), str)), None)
+    path = console.setup(command, output, verbose)
+    if not verbose:
+        _logger.info("%s: details in %s (--verbose prints them here)", command, path)
 
 
-def _resolve_and_run(cls: type, runner: Callable, args: argparse.Namespace, prog: str) -> int:
+def _resolve_and_run(cls: type, runner: Callable, args: argparse.Namespace, prog: str, command: str) -> int:
     try:
         values = cfglib.load_yaml(args.config) if args.config else None
         cfg = cfglib.build(cls, args, values, source=args.config or "config")
@@ -145,7 +147,7 @@ def _resolve_and_run(cls: type, runner: Callable, args: argparse.Namespace, prog
         if args.dry_run:
             print(json.dumps(cfglib.to_flat_dict(cfg), indent=2))
             return 0
-        _setup_logging(args.verbose)
+        _setup_logging(args.verbose, command, cfg)
         return runner(cfg)
     except KneescreenError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -157,13 +159,13 @@ def job_main(prog: str, doc: str, command: str, argv: list[str] | None = None) -
     cls, runner, _ = _commands()[command]
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(parser, cls)
-    return _resolve_and_run(cls, runner, parser.parse_args(argv), prog)
+    return _resolve_and_run(cls, runner, parser.parse_args(argv), prog, command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cls, runner, _ = _commands()[args.command]
-    return _resolve_and_run(cls, runner, args, "kneescreen")
+    return _resolve_and_run(cls, runner, args, "kneescreen", args.command)
 
 
 if __name__ == "__main__":

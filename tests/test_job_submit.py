@@ -30,9 +30,15 @@ def head_node(tmp_path):
     token = tmp_path / "auth_token"
     token.write_text(secrets.token_hex(16))
     # The venv's bin first on PATH, as an activated environment or a container image has it.
+    # The pseudonym key as a mounted secret file on the head node, where job drivers run (as the
+    # KubeRay manifests do), never in the job's runtime environment.
+    key_file = tmp_path / "pseudonym-key"
+    key_file.write_text(os.environ["KNEESCREEN_PSEUDONYM_KEY"] + "\n")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "KNEESCREEN_PSEUDONYM_KEY_FILE": str(key_file),
            "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("KNEESCREEN_PSEUDONYM_KEY", None)
     gcs, dash = _free_port(), _free_port()
     # Ray's Unix sockets live under the temp dir; pytest's tmp paths exceed the 107-byte limit.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -68,9 +74,10 @@ def test_ray_job_submit_screens_s3_archive(head_node, s3_server, s3_bucket, smal
         Store.resolve().write_bytes(f"s3://{s3_bucket}/archive/{p.relative_to(root / 'images').as_posix()}", p.read_bytes())
     runtime_env = {
         "excludes": [".venv", ".git", "bench/results", "demo-out", "runs"],
-        # Secrets and endpoints reach the job through its runtime environment, as on a cluster.
-        "env_vars": {k: os.environ[k] for k in ("KNEESCREEN_PSEUDONYM_KEY", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")},
+        # The endpoint and test credentials reach the job through its runtime environment (on a
+        # cluster: IRSA / instance profile); the pseudonym key comes from the head's secret file.
+        "env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                  "AWS_DEFAULT_REGION", "AWS_REGION")},
     }
     out = f"s3://{s3_bucket}/results"
     proc = _submit(address, env, ["python", "jobs/screen.py", "--input", f"s3://{s3_bucket}/archive",
@@ -83,6 +90,10 @@ def test_ray_job_submit_screens_s3_archive(head_node, s3_server, s3_bucket, smal
     fs, path = Store.resolve().filesystem(runs[0]["predictions"])
     table = pq.read_table(path, filesystem=fs, partitioning=None)
     assert table.num_rows == runs[0]["counts"]["listed"]
+    # The secret is nowhere in what the job API shows (ray job list: entrypoints, runtime envs).
+    listed = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0 and os.environ["KNEESCREEN_PSEUDONYM_KEY"] not in listed.stdout + listed.stderr
     # Token auth is really on: a client without the token is refused.
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
     no_token["HOME"] = str(token.parent)  # no ~/.ray/auth_token there either

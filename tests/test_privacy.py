@@ -7,7 +7,7 @@ import re
 import pytest
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.privacy import ENV_KEY, pseudonym_key, pseudonymise
+from kneescreen.io.privacy import ENV_KEY, ENV_KEY_FILE, pseudonym_key, pseudonymise
 
 KEY = b"0123456789abcdef-test"
 OTHER = b"fedcba9876543210-test"
@@ -87,3 +87,104 @@ def test_optional_key_is_ephemeral_when_unset(monkeypatch):
     a, b = pseudonym_key(required=False), pseudonym_key(required=False)
     assert len(a) >= 16 and a != b
     assert pseudonymise("MRN1", a) != pseudonymise("MRN1", b)
+
+
+# --- The key from a file (KNEESCREEN_PSEUDONYM_KEY_FILE: a mounted Kubernetes Secret) -----------
+
+FILE_KEY = "a-mounted-secret-of-32-characters"
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    """Neither variable set, whatever the developer's shell has."""
+    monkeypatch.delenv(ENV_KEY, raising=False)
+    monkeypatch.delenv(ENV_KEY_FILE, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("content", [FILE_KEY, FILE_KEY + "\n", FILE_KEY + "\r\n", FILE_KEY + "\n\n"])
+def test_key_from_file_strips_trailing_newline(key_env, tmp_path, content):
+    """`kubectl create secret --from-file` keeps what `openssl rand -hex 32 > key` wrote, newline included."""
+    path = tmp_path / "pseudonym_key"
+    path.write_bytes(content.encode())
+    key_env.setenv(ENV_KEY_FILE, str(path))
+    assert pseudonym_key() == FILE_KEY.encode()
+    assert pseudonym_key(required=False) == FILE_KEY.encode()
+
+
+def test_key_file_and_variable_give_the_same_pseudonyms(key_env, tmp_path):
+    path = tmp_path / "k"
+    path.write_text(FILE_KEY + "\n")
+    key_env.setenv(ENV_KEY_FILE, str(path))
+    from_file = pseudonymise("MRN1", pseudonym_key())
+    key_env.delenv(ENV_KEY_FILE)
+    key_env.setenv(ENV_KEY, FILE_KEY)
+    assert pseudonymise("MRN1", pseudonym_key()) == from_file
+
+
+def test_variable_wins_over_file(key_env, tmp_path):
+    path = tmp_path / "k"
+    path.write_text(FILE_KEY)
+    key_env.setenv(ENV_KEY_FILE, str(path))
+    key_env.setenv(ENV_KEY, "the-variable-key-0123456789")
+    assert pseudonym_key() == b"the-variable-key-0123456789"
+
+
+def test_short_variable_is_refused_even_with_a_good_file(key_env, tmp_path):
+    """The variable wins: a short one is an error, not a silent fall-back to the file."""
+    path = tmp_path / "k"
+    path.write_text(FILE_KEY)
+    key_env.setenv(ENV_KEY_FILE, str(path))
+    key_env.setenv(ENV_KEY, "short")
+    with pytest.raises(KneescreenError, match="too short"):
+        pseudonym_key()
+
+
+@pytest.mark.parametrize("content,words", [("x" * 15, "too short"), ("x" * 15 + "\n", "too short"), ("", "empty"),
+                                           ("\n", "empty")])
+@pytest.mark.parametrize("required", [True, False])
+def test_short_or_empty_key_file_is_refused(key_env, tmp_path, content, words, required):
+    """A configured key file that holds no usable key fails even when a key is optional: an
+    ephemeral key would silently break pseudonym linkage across runs."""
+    path = tmp_path / "pseudonym_key"
+    path.write_text(content)
+    key_env.setenv(ENV_KEY_FILE, str(path))
+    with pytest.raises(KneescreenError) as exc:
+        pseudonym_key(required=required)
+    msg = str(exc.value)
+    assert ENV_KEY_FILE in msg and str(path) in msg and words in msg
+    if content.strip():
+        assert content.strip() not in msg  # the (bad) secret itself is not echoed
+
+
+def test_missing_key_file_names_the_file(key_env, tmp_path):
+    path = tmp_path / "not-mounted" / "pseudonym_key"
+    key_env.setenv(ENV_KEY_FILE, str(path))
+    with pytest.raises(KneescreenError) as exc:
+        pseudonym_key()
+    msg = str(exc.value)
+    assert str(path) in msg and "cannot read" in msg and ENV_KEY in msg  # says how to fix it
+
+
+def test_unreadable_key_file_is_an_error_not_a_crash(key_env, tmp_path):
+    """A directory where the file should be (a volume mounted without `items`) is reported, not raised raw."""
+    key_env.setenv(ENV_KEY_FILE, str(tmp_path))
+    with pytest.raises(KneescreenError, match="cannot read the key file"):
+        pseudonym_key()
+
+
+def test_binary_key_file_is_refused_without_echoing_it(key_env, tmp_path):
+    secret = bytes(range(256))[::-1] * 2
+    path = tmp_path / "k"
+    path.write_bytes(secret)
+    key_env.setenv(ENV_KEY_FILE, str(path))
+    with pytest.raises(KneescreenError, match="not UTF-8") as exc:
+        pseudonym_key()
+    assert repr(secret)[2:30] not in str(exc.value)
+
+
+def test_no_variable_and_no_file_mentions_both(key_env):
+    with pytest.raises(KneescreenError) as exc:
+        pseudonym_key()
+    msg = str(exc.value)
+    assert "not set" in msg and ENV_KEY in msg and ENV_KEY_FILE in msg

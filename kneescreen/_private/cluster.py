@@ -6,16 +6,21 @@ import os
 
 import ray
 
+from kneescreen._private import console
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else start a
-    local one. Does nothing when Ray is already initialised in this process."""
+    local one; when Ray is already initialised in this process, use it as it is."""
     if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
+        pass
+    elif os.environ.get("RAY_ADDRESS"):
         ray.init()  # inside `ray job submit` (or pointed at a cluster): join it as it is
-        return
-    # Logical CPUs: Ray Train workers and Ray Data tasks both ask for CPUs; on a 2-core machine
-    # 2 training workers would otherwise leave Data nothing and stall it.
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True, ignore_reinit_error=True)
+    else:
+        # Logical CPUs: Ray Train workers and Ray Data tasks both ask for CPUs; on a 2-core
+        # machine 2 training workers would otherwise leave Data nothing and stall it.
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=True, ignore_reinit_error=True)
+    # Workers' output: to the log file unless --verbose (log_to_driver stays on so the driver
+    # still receives it, e.g. training's per-epoch lines for the progress line).
+    console.attach_ray()

@@ -233,6 +233,18 @@ class Store:
         shutil.rmtree(path)
         return n
 
+    def delete(self, uri: str) -> bool:
+        """Delete one object or file; returns whether it existed (S3 cannot tell: always True)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            self.client.delete_object(Bucket=bucket, Key=key)
+            return True
+        try:
+            pathlib.Path(uri).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def list_dirs(self, uri: str) -> list[str]:
         """Immediate sub-folder names below ``uri`` (S3: common prefixes)."""
         if is_s3(uri):

@@ -1,6 +1,8 @@
 """The run ledger: which runs committed, what they screened, and the listing still to screen.
 
-A run is committed when ``runs/run_id=<r>.json`` exists (written last). Before a run starts,
+A run is committed when ``runs/run_id=<r>.json`` exists (written last). Its one-line copy in
+``runs_jsonl/`` (for Athena/Glue JSON SerDe tables, which read one object per line) is written just
+before it, and cleaned up with the other files of a run that never committed. Before a run starts,
 files of runs that never committed are deleted; incremental mode skips every (key, etag) that a
 committed run of the same model version already holds. The listing streams page by page into
 scratch Parquet chunks, so the driver never holds the whole archive's keys at once.
@@ -19,6 +21,7 @@ from kneescreen.io.store import Store, is_s3, join
 from kneescreen.screen.config import ScreenConfig
 
 LISTING_CHUNK = 5000  # listing rows per scratch Parquet file: bounded driver memory per page
+RUNS_JSONL = "runs_jsonl"  # one-line copies of the run manifests, for JSON SerDe tables (Athena)
 LISTING_SCHEMA = pa.schema([("key", pa.string()), ("etag", pa.string()), ("size", pa.int64())])
 
 
@@ -36,12 +39,22 @@ def committed_runs(store: Store, output: str) -> list[dict]:
 
 
 def commit_run(store: Store, output: str, manifest: dict) -> None:
-    """The commit: once this file exists the run is visible to readers and to the next rescan."""
-    store.write_bytes(join(output, "runs", f"run_id={manifest['run_id']}.json"), json.dumps(manifest, indent=2).encode())
+    """The commit: once ``runs/run_id=<r>.json`` exists the run is visible to readers and to the
+    next rescan.
+
+    The same manifest is first written as one JSON line to ``runs_jsonl/run_id=<r>.json`` for
+    engines whose JSON SerDe needs one object per line (Athena, Glue, Hive; docs/queries.md). It is
+    written before the commit file so that the commit stays the last write: a crash between the two
+    leaves an orphan line that the next run deletes (`drop_uncommitted`), never a committed run
+    missing from the JSON-lines table.
+    """
+    name = f"run_id={manifest['run_id']}.json"
+    store.write_bytes(join(output, RUNS_JSONL, name), (json.dumps(manifest, separators=(",", ":")) + "\n").encode())
+    store.write_bytes(join(output, "runs", name), json.dumps(manifest, indent=2).encode())
 
 
 def drop_uncommitted(store: Store, output: str, committed_ids: set[str]) -> list[str]:
-    """Delete prediction/stats/scratch files of runs that never wrote a manifest."""
+    """Delete prediction/stats/scratch files and one-line manifests of runs that never committed."""
     dropped = []
     for table in ("predictions", "stats"):
         for mv in store.list_dirs(join(output, table)):
@@ -50,6 +63,13 @@ def drop_uncommitted(store: Store, output: str, committed_ids: set[str]) -> list
                 if run_id not in committed_ids:
                     store.delete_prefix(join(output, table, mv, run_dir))
                     dropped.append(run_id)
+    jsonl = join(output, RUNS_JSONL)
+    if is_s3(output) or store.exists(jsonl):
+        for obj in store.list_objects(jsonl, include=("*.json",)):
+            run_id = obj.key.rsplit("/", 1)[-1].removeprefix("run_id=").removesuffix(".json")
+            if run_id not in committed_ids:
+                store.delete(obj.uri)
+                dropped.append(run_id)
     store.delete_prefix(join(output, "_scratch"))
     return sorted(set(dropped))
 

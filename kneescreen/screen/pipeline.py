@@ -90,8 +90,12 @@ def _screen(cfg: ScreenConfig, store: Store, bundle: Bundle, listing: dict, key:
         return pd.DataFrame({f.name: [] for f in PREDICTIONS})
     ensure_ray()
     cfg = dataclasses.replace(cfg, actors=resolve_actors(cfg, ray.cluster_resources()))
-    _logger.info("run %s: %d inference actor(s) x %s", run_id, cfg.actors,
-                 "1 GPU" if cfg.use_gpu else f"{cfg.actor_cpus} CPU")
+    # The console turns this line into a progress line fed by the inference operator's output
+    # rows (kneescreen._private.console); Ray Data's own progress dumps go to the log file.
+    _logger.info("run %s: screening %d objects on %d inference actor(s) x %s", run_id, listing["to_screen"],
+                 cfg.actors, "1 GPU" if cfg.use_gpu else f"{cfg.actor_cpus} CPU",
+                 extra={"progress_total": listing["to_screen"], "progress_unit": "images",
+                        "progress_label": "screening", "progress_op": EnsemblePredictor.__name__})
     ds = build_dataset(cfg, store, bundle, listing["chunk_uris"], key, run_id)
     out_fs, out_path = store.filesystem(pred_uri)
     # Blocks are small (decode_batch_size rows) for pipelining; files are not: analytics engines
