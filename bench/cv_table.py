@@ -30,6 +30,19 @@ def main(path: str) -> int:
         if r.get("by_age_band"):
             print(f"\n{name} accuracy by age band: " + ", ".join(
                 f"{b}: {v['accuracy']:.2f} (n={v['n']})" for b, v in r["by_age_band"].items()))
+    if res.get("deployed_per_fold"):
+        print("\ndeployed predictor per outer fold: " + ", ".join(res["deployed_per_fold"]))
+    value = res.get("image_value") or {}
+    for name, diffs in value.get("paired", {}).items():
+        parts = [f"{label} {d['diff']:+.2f} ({d['lo']:+.2f} to {d['hi']:+.2f})"
+                 for metric, label in (("balanced_accuracy", "balanced accuracy"), ("auc_osteoporosis", "osteoporosis AUC"),
+                                       ("auc_low_bmd", "low-BMD AUC"), ("brier", "Brier"))
+                 for d in [diffs[metric]] if d["diff"] is not None]
+        print(f"\n{name} minus covariates_only (paired bootstrap, 95% CI): " + "; ".join(parts))
+    t = value.get("t_score_partial_spearman")
+    if t and t.get("rho") is not None:
+        print(f"\nimage score vs T-score given age and sex: Spearman partial rho {t['rho']:+.2f}, "
+              f"permutation p = {t['p_value']:.3f}, n = {t['n']}")
     return 0
 
 

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import opt
 from kneescreen.data.synth import SynthConfig, write_archive
-from kneescreen.io.privacy import ENV_KEY
+from kneescreen.io.privacy import ENV_KEY, ENV_KEY_FILE
 from kneescreen.report import build_report
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.pipeline import run_screen
@@ -44,7 +44,7 @@ class DemoConfig:
     n: int = opt(200, "synthetic archive size")
     dev_set: str | None = opt(None, "labelled real knee X-rays (default ../shared/data/knee-xray-dev)")
     epochs: int = opt(8, "training epochs")
-    image_size: int = opt(160, "member input size (160 keeps CPU training in minutes)")
+    image_size: int = opt(0, "member input size (0: the architecture's native size)")
 
 
 def _train(cfg: DemoConfig, root: pathlib.Path) -> tuple[str, TrainConfig, dict]:
@@ -60,9 +60,13 @@ def _print_summary(root, synth, source, tcfg, trained, first, second, report, t0
     print()
     print("kneescreen demo summary")
     print(f"  archive    {synth['images']} synthetic images + {synth['planted_bad']} planted bad objects -> {root / 'archive'}")
-    print(f"  model      bundle {trained['version']} ({tcfg.members[0]}, {tcfg.image_size}px) trained on {source}")
+    sel = trained["selection"]
+    size = f"{tcfg.image_size}px" if tcfg.image_size else "native size"
+    print(f"  model      bundle {trained['version']} ({', '.join(tcfg.members)}, {size}) trained on {source}")
+    print(f"  deployed   {sel['deployed']}: best out-of-fold evidence over {sel['n']} images "
+          f"(balanced accuracy {sel['candidates'][sel['deployed']]['balanced_accuracy']:.2f}; rule in the manifest)")
     print("  held-out test split of the training data:")
-    for line in format_table(trained["test"]).splitlines():
+    for line in format_table(trained["test"], compact=True).splitlines():
         print("    " + line)
     c = first["counts"]
     print(f"  screening  run {first['run_id']}: {c['listed']} objects -> ok {c['ok']}, error {c['error']}, "
@@ -85,7 +89,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> int:
     t0 = time.perf_counter()
     root = pathlib.Path(cfg.out).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    if not os.environ.get(ENV_KEY):
+    if not os.environ.get(ENV_KEY) and not os.environ.get(ENV_KEY_FILE):
         _logger.warning("%s not set: the demo uses a fixed demo key; production runs must set their own secret", ENV_KEY)
         os.environ[ENV_KEY] = DEMO_KEY
     ensure_ray()

@@ -28,22 +28,20 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return cm
 
 
+def rank(x) -> np.ndarray:
+    """1-based ranks; tied values share their average rank."""
+    _, inverse, counts = np.unique(np.asarray(x, float), return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # 1-based rank of each distinct value's last copy
+    return (last - (counts - 1) / 2)[inverse]
+
+
 def roc_auc(y_bin: np.ndarray, score: np.ndarray) -> float | None:
     """Area under the ROC curve via the Mann-Whitney statistic (ties count half)."""
     y_bin, score = np.asarray(y_bin, bool), np.asarray(score, float)
     n_pos, n_neg = int(y_bin.sum()), int((~y_bin).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    s = score[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks = rank(score)
     return float((ranks[y_bin].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -153,3 +151,75 @@ def classification_report(y_true, probs, classes: tuple[str, ...], pred=None, n_
         row["auc_lo"], row["auc_hi"] = _bootstrap(lambda a, s: roc_auc(a, s), n_boot, seed, y == i, probs[:, i])
         report["per_class"][name] = row
     return report
+
+
+def _paired_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
+    k = p.shape[1]
+    return {"balanced_accuracy": balanced_accuracy(y, p.argmax(1), k),
+            "auc_osteoporosis": roc_auc(y == k - 1, p[:, k - 1]),
+            "auc_low_bmd": roc_auc(y >= 1, p[:, 1:].sum(1)),
+            "brier": float(((p - np.eye(k)[y]) ** 2).sum(1).mean())}
+
+
+def paired_bootstrap(y_true, probs_a, probs_b, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """What predictor A adds over predictor B on the same images, with 95% intervals.
+
+    Each resample draws images with replacement and scores both predictors on the same draw, so
+    the interval is of the difference itself (narrower than comparing two separate intervals).
+
+    Returns:
+        metric -> {"a", "b", "diff" (a - b), "lo", "hi", "p_a_better"} for balanced accuracy,
+        osteoporosis-vs-rest AUC, low-BMD AUC and Brier score (lower Brier is better).
+    """
+    y = np.asarray(y_true, int)
+    a, b = np.asarray(probs_a, float), np.asarray(probs_b, float)
+    point_a, point_b = _paired_metrics(y, a), _paired_metrics(y, b)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in point_a}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        ma, mb = _paired_metrics(y[idx], a[idx]), _paired_metrics(y[idx], b[idx])
+        for m in draws:
+            if ma[m] is not None and mb[m] is not None and not (math.isnan(ma[m]) or math.isnan(mb[m])):
+                draws[m].append(ma[m] - mb[m])
+    out = {}
+    for m, d in draws.items():
+        ok = point_a[m] is not None and point_b[m] is not None and len(d) >= n_boot * 0.5
+        better = np.asarray(d) < 0 if m == "brier" else np.asarray(d) > 0
+        out[m] = {"a": point_a[m], "b": point_b[m], "diff": point_a[m] - point_b[m] if ok else None,
+                  "lo": float(np.percentile(d, 2.5)) if ok else None, "hi": float(np.percentile(d, 97.5)) if ok else None,
+                  "p_a_better": float(better.mean()) if ok else None}
+    return out
+
+
+def partial_spearman(score, target, covariates, n_perm: int = 2000, seed: int = 0) -> dict:
+    """Spearman partial correlation of ``score`` and ``target`` given ``covariates``, with a
+    two-sided permutation p-value.
+
+    Both variables are rank-transformed, each rank is regressed on the covariates (with an
+    intercept) and the residuals are correlated; permuting one residual vector gives the null.
+    Used as the pre-stated test of whether the image score carries T-score information beyond
+    age and sex.
+
+    Returns:
+        {"rho", "p_value", "n", "n_perm"}; rho None when fewer than 8 complete rows.
+    """
+    s, t = np.asarray(score, float), np.asarray(target, float)
+    c = np.asarray(covariates, float).reshape(len(s), -1)
+    ok = np.isfinite(s) & np.isfinite(t) & np.isfinite(c).all(1)
+    if ok.sum() < 8:
+        return {"rho": None, "p_value": None, "n": int(ok.sum()), "n_perm": n_perm}
+    design = np.column_stack([np.ones(ok.sum()), c[ok]])
+
+    def resid(v):
+        r = rank(v)
+        beta, *_ = np.linalg.lstsq(design, r, rcond=None)
+        e = r - design @ beta
+        return e / (np.linalg.norm(e) + 1e-12)
+
+    es, et = resid(s[ok]), resid(t[ok])
+    rho = float(es @ et)
+    rng = np.random.default_rng(seed)
+    null = np.array([rng.permutation(es) @ et for _ in range(n_perm)])
+    p = (1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (n_perm + 1)
+    return {"rho": rho, "p_value": float(p), "n": int(ok.sum()), "n_perm": n_perm}

@@ -29,7 +29,7 @@ from kneescreen.config import opt
 from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES
-from kneescreen.metrics import binary_counts, confusion_matrix, roc_auc, wilson
+from kneescreen.metrics import binary_counts, confusion_matrix, paired_bootstrap, partial_spearman, roc_auc, wilson
 from kneescreen.screen.ledger import committed_runs
 
 _logger = logging.getLogger(__name__)
@@ -252,6 +252,63 @@ def _metric_table(labelled) -> list[dict]:
     return rows
 
 
+MIN_SITE_ROWS = 20  # labelled images a site needs before its own paired comparison is shown
+
+
+def image_value_rows(labelled, n_boot: int = 1000) -> list[dict]:
+    """What the radiograph adds: deployed and image-only minus covariates-only, overall and per site.
+
+    Paired bootstrap on the labelled rows that have both the image's and the age/sex model's
+    probabilities (a row without age or sex has no covariates-only prediction to compare with).
+    """
+    have = labelled[labelled["covariates_probs"].notna() & labelled["image_probs"].notna()]
+    groups = [("all", have)] + [(f"site {s}", g) for s, g in have.groupby(have["site"].fillna("unknown"))
+                                if len(g) >= MIN_SITE_ROWS and have["site"].nunique() > 1]
+    rows = []
+    for group, g in groups:
+        if len(g) < 10:
+            continue
+        y = g["reference_label"].map(CLASSES.index).to_numpy()
+        cov = np.stack(g["covariates_probs"].to_numpy())
+        for name, probs in (("deployed", g[["p_normal", "p_osteopenia", "p_osteoporosis"]].to_numpy(float)),
+                            ("image only", np.stack(g["image_probs"].to_numpy()))):
+            diffs = paired_bootstrap(y, probs, cov, n_boot=n_boot)
+            rows.append({"group": group, "predictor": name, "n": len(g), **diffs})
+    return rows
+
+
+def _image_value_html(labelled) -> str:
+    rows = image_value_rows(labelled)
+    if not rows:
+        return ""
+    cells = "".join(
+        f"<tr><td>{html.escape(r['group'])}</td><td>{html.escape(r['predictor'])}</td><td>{r['n']}</td>"
+        + "".join(f"<td>{_fmt_diff(r[m])}</td>"
+                  for m in ("balanced_accuracy", "auc_osteoporosis", "auc_low_bmd", "brier")) + "</tr>"
+        for r in rows)
+    text = ("<h2>What the radiograph adds over age and sex</h2><p>Difference against the age + sex model on the "
+            "same labelled images (paired bootstrap, 95% interval); an interval that includes 0 means this "
+            "output cannot tell the two apart. Lower Brier is better.</p>"
+            "<table><tr><th>images</th><th>predictor</th><th>n</th><th>balanced accuracy</th>"
+            "<th>osteoporosis AUC</th><th>low-BMD AUC</th><th>Brier</th></tr>%s</table>" % cells)
+    t = labelled[labelled["reference_t_score"].notna() & labelled["image_probs"].notna()]
+    if len(t) >= 8:
+        img = np.stack(t["image_probs"].to_numpy())
+        sex = t["sex"].map({"F": 1.0, "M": 0.0}).to_numpy(float)
+        test = partial_spearman(img[:, 1] + img[:, 2], t["reference_t_score"].to_numpy(float),
+                                np.column_stack([t["age"].to_numpy(float), sex]))
+        if test["rho"] is not None:
+            text += (f"<p>Image low-BMD score against the T-score given age and sex: Spearman partial "
+                     f"rho {test['rho']:+.2f}, permutation p = {test['p_value']:.3f} (n = {test['n']}).</p>")
+    return text
+
+
+def _fmt_diff(d: dict) -> str:
+    if d["diff"] is None:
+        return "n/a"
+    return f"{d['diff']:+.2f} ({d['lo']:+.2f} to {d['hi']:+.2f})"
+
+
 def _fmt(v, lo=None, hi=None) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "n/a"
@@ -316,7 +373,7 @@ def build_report(output: str, out_dir: str, store: Store | None = None) -> str:
     if len(labelled) >= 5:
         figures.append(("confusion", "Confusion matrix against reference labels", fig_confusion(labelled)[0]))
         figures.append(("roc_calibration", "ROC and calibration", fig_roc_calibration(labelled)))
-        table_html = _agreement_table(labelled)
+        table_html = _agreement_table(labelled) + _image_value_html(labelled)
     if len(current) and (current["status"] != "ok").any():
         figures.append(("errors", "Errors and skips", fig_errors(current)))
     trend = trend_rows(runs, stats)

@@ -25,7 +25,7 @@ def main(archive: str, work: str) -> int:
 
     ensure_ray()
     cfg = TrainConfig(data=archive, out=os.path.join(work, "bundle"), members=("test_cnn:gray",), weights="none",
-                      image_size=0, epochs=2, num_workers=2, cpus_per_worker=1, placement_strategy="SPREAD",
+                      image_size=0, epochs=1, oof_folds=3, num_workers=2, cpus_per_worker=1, placement_strategy="SPREAD",
                       storage_path=os.path.join(work, "runs"), name="multinode")
     run_train(cfg)
     manifest = run_screen(ScreenConfig(input=os.path.join(archive, "images"), output=os.path.join(work, "out"),
@@ -34,7 +34,7 @@ def main(archive: str, work: str) -> int:
                                        actor_cpus=2))
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)
     tasks = list_tasks(limit=10000, detail=True)
-    decode_nodes = {t.node_id for t in tasks if "_decode_task" in (t.name or "") and t.node_id}
+    decode_nodes = {t.node_id for t in tasks if "decode_stage" in (t.name or "") and t.node_id}
     actor_nodes = {a.node_id for a in list_actors(limit=1000, detail=True)
                    if "EnsemblePredictor" in (a.class_name or "") and a.node_id}
     print(json.dumps({

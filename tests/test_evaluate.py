@@ -13,7 +13,7 @@ from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import load_bundle
 from kneescreen.train.evaluate import evaluate_arrays, format_table, predictor_outputs, report_rows
 
-PREDICTORS = {"member:test_cnn-gray", "image_ensemble:soft", "covariates_only", "fused"}
+PREDICTORS = {"member:test_cnn-gray", "image_ensemble:soft", "covariates_only", "fused:soft", "deployed"}
 N = 40
 
 
@@ -83,10 +83,10 @@ def test_low_bmd_uses_the_bundle_threshold(report, bundle, data, name):
 
 
 def test_low_bmd_counts_match_the_probabilities(bundle, data, report):
-    probs, _ = predictor_outputs(bundle, data)["fused"]
+    probs, _ = predictor_outputs(bundle, data)["fused:soft"]
     flag = probs[:, 1] + probs[:, 2] >= 0.6
     y = np.asarray(data["label"]) >= 1
-    lb = report["predictors"]["fused"]["low_bmd"]
+    lb = report["predictors"]["fused:soft"]["low_bmd"]
     assert (lb["tp"], lb["fp"], lb["fn"], lb["tn"]) == (int((flag & y).sum()), int((flag & ~y).sum()),
                                                         int((~flag & y).sum()), int((~flag & ~y).sum()))
 
@@ -102,7 +102,7 @@ def test_predictor_outputs_are_probabilities(bundle, data):
 
 def test_fused_falls_back_to_the_image_ensemble_without_covariates(bundle, data):
     outs = predictor_outputs(bundle, data)
-    fused, image = outs["fused"][0], outs["image_ensemble:soft"][0]
+    fused, image = outs["fused:soft"][0], outs["image_ensemble:soft"][0]
     missing = np.array([a is None or s is None for a, s in zip(data["age"], data["sex"])])
     assert missing.sum() == 2
     np.testing.assert_allclose(fused[missing], image[missing])
@@ -128,7 +128,7 @@ def test_format_table_names_every_predictor(report):
     lines = text.splitlines()
     assert lines[0].startswith(f"n = {N} held-out images") and report["bundle_version"] in lines[0]
     assert "bal.acc [95% CI]" in lines[1] and "lowBMD sens" in lines[1]
-    body = lines[3:]
+    body = [line for line in lines[3:] if "minus covariates_only" not in line and "T-score" not in line]
     assert len(body) == len(PREDICTORS)
     for name in PREDICTORS:
         row = next(line for line in body if line.startswith(name))
@@ -153,7 +153,7 @@ def test_absent_class_still_gives_a_table(bundle):
     data = _data(n=30, seed=1, labels=[i % 2 for i in range(30)])
     report = evaluate_arrays(bundle, data, n_boot=50)
     assert set(report["predictors"]) == PREDICTORS
-    op = report["predictors"]["fused"]["per_class"]["osteoporosis"]
+    op = report["predictors"]["fused:soft"]["per_class"]["osteoporosis"]
     assert op["support"] == 0 and op["auc"] is None
     text = format_table(report)
     assert all(name in text for name in PREDICTORS)
@@ -161,3 +161,19 @@ def test_absent_class_still_gives_a_table(bundle):
     rows = report_rows(report)
     assert len(rows) == len(PREDICTORS) * 3
     pa.Table.from_pylist(rows)
+
+
+def test_deployed_is_what_screening_writes_and_its_value_is_stated(bundle, data):
+    """The tiny bundle deploys the fused model: 'deployed' equals it, and the report states
+    what it (and the image alone) add over age and sex, with paired intervals."""
+    outs = predictor_outputs(bundle, data)
+    np.testing.assert_allclose(outs["deployed"][0], outs["fused:soft"][0])
+    report = evaluate_arrays(bundle, data, n_boot=100)
+    paired = report["image_value"]["paired"]
+    assert set(paired) == {"image_ensemble:soft", "fused:soft", "deployed"}
+    for name, diffs in paired.items():
+        d = diffs["balanced_accuracy"]
+        assert d["lo"] <= d["diff"] <= d["hi"], name
+        assert d["diff"] == pytest.approx(report["predictors"][name]["balanced_accuracy"]
+                                          - report["predictors"]["covariates_only"]["balanced_accuracy"])
+    assert "minus covariates_only (paired bootstrap 95% CI)" in format_table(report)

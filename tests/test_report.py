@@ -37,6 +37,10 @@ def test_report_has_every_figure_and_the_metric_table(screened, tmp_path):
         assert f"alt='{name}'" in html
     assert len(re.findall(r"data:image/png;base64,", html)) == 5  # self-contained
     assert "Agreement with reference labels" in html and "sensitivity" in html
+    # Reference labels and age/sex sidecar: the report says what the image adds, with intervals.
+    section = html[html.index("What the radiograph adds over age and sex"):]
+    assert "<td>all</td><td>deployed</td>" in section and "<td>all</td><td>image only</td>" in section
+    assert re.search(r"<td>[+-]\d\.\d\d \([+-]\d\.\d\d to [+-]\d\.\d\d\)</td>", section)
     # The runs table lists each committed run once: the first screen and the rescan.
     runs_table = html[html.index("<h2>Runs</h2>"):]
     run_ids = [r["run_id"] for r in committed_runs(Store.resolve(), screened)]

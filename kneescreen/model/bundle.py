@@ -70,10 +70,11 @@ class Prediction:
     low_bmd_score: np.ndarray  # P(osteopenia) + P(osteoporosis)
     low_bmd_flag: np.ndarray
     osteoporosis_flag: np.ndarray
-    predictor: np.ndarray  # per row: "fused" or "image" (fallback when covariates are missing)
+    predictor: np.ndarray  # per row: the deployed predictor, or "image" when age or sex is missing
     covariates_imputed: np.ndarray
     member_probs: list[np.ndarray] = field(default_factory=list)
     image_probs: np.ndarray | None = None
+    covariate_probs: np.ndarray | None = None  # the age/sex model's, NaN where age or sex is missing
 
 
 class Bundle:
@@ -151,15 +152,19 @@ class Bundle:
         probs, pred = image_probs.copy(), image_pred.copy()
         predictor = np.full(n, "image", dtype=object)
         imputed = np.ones(n, bool)
-        if self.stacker is not None and self.manifest.predictor == "fused":
+        kind = self.manifest.predictor
+        cov_out = None
+        if self.covariate_model is not None:
             p_cov, imputed = self.covariate_probs([None] * n if ages is None else list(ages),
                                                   [None] * n if sexes is None else list(sexes))
-            fused = self.stacker.predict_proba(p_cov, image_probs)
+            cov_out = np.where(imputed[:, None], np.nan, p_cov)
+        if cov_out is not None and (kind == "covariates" or (kind == "fused" and self.stacker is not None)):
+            chosen = self.stacker.predict_proba(p_cov, image_probs) if kind == "fused" else p_cov
             # Missing age or sex: fall back to the image ensemble for that row (flagged).
             use = ~imputed
-            probs[use] = fused[use]
-            pred[use] = fused[use].argmax(1)
-            predictor[use] = "fused"
+            probs[use] = chosen[use]
+            pred[use] = chosen[use].argmax(1)
+            predictor[use] = kind
         th = self.manifest.thresholds
         low = probs[:, 1] + probs[:, 2]
         return Prediction(
@@ -167,6 +172,7 @@ class Bundle:
             low_bmd_flag=low >= th.low_bmd.threshold,
             osteoporosis_flag=probs[:, 2] >= th.osteoporosis.threshold,
             predictor=predictor, covariates_imputed=imputed, member_probs=member_probs, image_probs=image_probs,
+            covariate_probs=cov_out,
         )
 
 

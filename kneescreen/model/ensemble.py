@@ -1,128 +1,114 @@
-"""Trained members -> a bundle manifest: temperatures, fusion weights, the age/sex model, the
-fused (stacked) model and operating thresholds, all fit on data the members did not train on.
+"""Members' pooled out-of-fold predictions -> a bundle manifest.
 
-Used by training (on the validation split) and by cross-validation (per fold). ``data`` dicts
-hold ``label`` (class indices), ``age``, ``sex`` and ``images`` (size -> (n, s, s) uint8).
+Temperatures, fusion weights, the fused (stacked) model, the choice of the deployed predictor
+(`kneescreen.model.selection`) and the operating thresholds are all fit on out-of-fold
+predictions: every number comes from images the scoring model did not see.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from kneescreen.labels import CLASSES
-from kneescreen.model.bundle import Bundle
-from kneescreen.model.covariates import (
-    LogisticModel,
-    ProductStacker,
-    covariate_features,
-)
-from kneescreen.model.fusion import (
-    apply_temperature,
-    choose_threshold,
-    fit_temperature,
-    fit_weights,
-    fuse,
-)
+from kneescreen.model.covariates import LogisticModel, ProductStacker
+from kneescreen.model.fusion import FUSION_METHODS, apply_temperature, choose_threshold, fit_temperature, fit_weights, fuse
 from kneescreen.model.manifest import (
-    BundleManifest,
-    CovariateManifest,
-    FusionManifest,
-    MemberManifest,
-    StackerManifest,
-    Threshold,
-    Thresholds,
+    BundleManifest, CovariateManifest, FusionManifest, MemberManifest, StackerManifest, Threshold, Thresholds,
 )
 from kneescreen.model.registry import normalisation
+from kneescreen.model.selection import OutOfFold, build_candidates, select
 
 _logger = logging.getLogger(__name__)
-MIN_COVARIATE_ROWS = 10  # training rows with both age and sex needed to fit the age/sex model
+PREDICTOR_OF = {"covariates_only": "covariates", "image": "image", "fused": "fused"}
 
 
-def member_manifest(architecture: str, input_mode: str, image_size: int, weights_init: str | None) -> MemberManifest:
+def member_manifest(architecture: str, input_mode: str, image_size: int, weights_init: str | None,
+                    training: str = "finetune") -> MemberManifest:
     """A member's manifest entry before calibration (temperature 1)."""
     mean, std = normalisation(architecture, input_mode)
-    return MemberManifest(architecture, input_mode, image_size, tuple(mean), tuple(std), weights_init)
+    return MemberManifest(architecture, input_mode, image_size, tuple(mean), tuple(std), weights_init,
+                          training=training)
 
 
-def _threshold(score: np.ndarray, positive: np.ndarray, target_sensitivity: float) -> Threshold:
+@dataclass
+class CovariateFit:
+    """The age/sex model fit on all training rows, and its out-of-fold predictions."""
+
+    model: LogisticModel
+    age_mean: float
+    age_sd: float
+    oof_probs: np.ndarray
+    imputed: np.ndarray
+
+
+def threshold_for(score: np.ndarray, positive: np.ndarray, target_sensitivity: float) -> Threshold:
+    """Highest threshold reaching the target sensitivity (0.5 with a note when it cannot be set)."""
     if not positive.any() or positive.all():
-        _logger.warning("validation split has %s: threshold left at 0.5; use a larger validation split",
+        _logger.warning("training data has %s: threshold left at 0.5",
                         "no positive cases" if not positive.any() else "no negative cases")
-        return Threshold(0.5, note="validation split lacks positives or negatives")
+        return Threshold(0.5, note="no positives or no negatives to set a threshold on")
     return Threshold(**choose_threshold(score, positive, target_sensitivity))
 
 
-def _calibrate(members: list[MemberManifest], states: list[dict], val: dict, fusion: str):
-    """Temperature per member and fusion weights on ``val``.
-
-    Returns:
-        (calibrated members, fusion manifest, member probabilities, image-ensemble probabilities)
-    """
-    y = val["label"]
-    draft = BundleManifest(members=tuple(members), thresholds=Thresholds(Threshold(0.5), Threshold(0.5)))
-    logits = Bundle.from_states(draft, states).member_logits(val["images"])
+def _image_oof(members: list[MemberManifest], logits: list[np.ndarray], y: np.ndarray, rules):
+    """Calibrated members and, per fusion rule, (weights, (probs, pred)) of the image ensemble."""
     calibrated, probs = [], []
     for spec, lg in zip(members, logits):
         t = fit_temperature(lg, y)
-        calibrated.append(dataclasses.replace(spec, temperature=t))
+        calibrated.append(MemberManifest(**{**spec.__dict__, "temperature": t}))
         probs.append(apply_temperature(lg, t))
-    weights = tuple(fit_weights(probs, y)) if fusion == "weighted" else None
-    image_probs, _ = fuse(fusion, probs, weights)
-    return calibrated, FusionManifest(fusion, weights), probs, image_probs
+    fused = {}
+    for rule in rules:
+        weights = tuple(fit_weights(probs, y)) if rule == "weighted" else None
+        fused[rule] = (weights, fuse(rule, probs, weights))
+    return calibrated, probs, fused
 
 
-def _fit_covariates(train: dict, val: dict, image_probs: np.ndarray):
-    """Age/sex model on training rows, product stacker on validation.
+def fit_ensemble(members: list[MemberManifest], oof_logits: list[np.ndarray], y: np.ndarray, folds: np.ndarray,
+                 covariates: CovariateFit | None, fusion: str = "soft", target_sensitivity: float = 0.9,
+                 confidence: float = 0.9) -> BundleManifest:
+    """Calibrate, fuse, select the deployed predictor and set thresholds, all out of fold.
 
-    Returns:
-        (CovariateManifest, StackerManifest, covariate probs on val, final val probs), or None
-        when too few training rows carry both age and sex.
-    """
-    ages = [a for a in train["age"] if a is not None]
-    age_mean = float(np.mean(ages)) if ages else 65.0
-    age_sd = float(np.std(ages)) if len(ages) > 1 and np.std(ages) > 0 else 12.0
-    x_tr, imp_tr = covariate_features(train["age"], train["sex"], age_mean, age_sd)
-    if (~imp_tr).sum() < MIN_COVARIATE_ROWS:
-        return None
-    counts = np.bincount(train["label"], minlength=len(CLASSES)).astype(float)
-    cw = counts.sum() / (len(CLASSES) * np.maximum(counts, 1))
-    # Age/sex are not images: fitting them on training rows leaks nothing through augmentation.
-    cov = LogisticModel(l2=1e-2).fit(x_tr, train["label"], len(CLASSES), class_weight=cw)
-    x_val, imp_val = covariate_features(val["age"], val["sex"], age_mean, age_sd)
-    p_cov_val = cov.predict_proba(x_val)
-    stacker = ProductStacker().fit(p_cov_val, image_probs, val["label"])
-    # Thresholds are set on the stacker's own validation output (in-sample for the stacker:
-    # honest evaluation of the fused model happens on the test split / CV folds).
-    final = np.where(imp_val[:, None], image_probs, stacker.predict_proba(p_cov_val, image_probs))
-    return (CovariateManifest(cov.to_dict(), age_mean, age_sd), StackerManifest(stacker.to_dict()), p_cov_val, final)
-
-
-def fit_ensemble(members: list[MemberManifest], states: list[dict], val: dict, train: dict, fusion: str = "soft",
-                 target_sensitivity: float = 0.9) -> BundleManifest:
-    """Fit temperatures, fusion weights, covariate model, stacker and thresholds.
+    Args:
+        members: manifest entries of the trained members; oof_logits: their out-of-fold logits.
+        y, folds: true classes and fold ids of the pooled rows.
+        covariates: the age/sex fit (None: image-only collection).
+        fusion: the fusion rule for one member / the fallback; with several members every rule
+            in `FUSION_METHODS` is a candidate.
 
     Returns:
         The manifest (no files or version yet), ready for `save_bundle`.
     """
-    y = val["label"]
-    calibrated, fusion_m, probs, image_probs = _calibrate(members, states, val, fusion)
-    per = {f"member:{m.name}": p for m, p in zip(calibrated, probs)}
-    per[f"image_ensemble:{fusion}"] = image_probs
-    covariates = stacker = None
-    final = image_probs
-    fitted = _fit_covariates(train, val, image_probs)
-    if fitted is not None:
-        covariates, stacker, p_cov_val, final = fitted
-        per["covariates_only"], per["fused"] = p_cov_val, final
-    thresholds = Thresholds(_threshold(final[:, 1] + final[:, 2], y >= 1, target_sensitivity),
-                            _threshold(final[:, 2], y == 2, target_sensitivity))
+    rules = [fusion] + [r for r in FUSION_METHODS if r != fusion] if len(members) > 1 else [fusion]
+    calibrated, member_probs, by_rule = _image_oof(members, oof_logits, y, rules)
+    oof = OutOfFold(y=y, folds=folds, image={r: pp for r, (_, pp) in by_rule.items()},
+                    covariates=covariates.oof_probs if covariates else None,
+                    imputed=covariates.imputed if covariates else np.ones(len(y), bool))
+    cands = build_candidates(oof)
+    selection = select(oof, confidence=confidence)
+    deployed = selection["deployed"]
+    kind, _, rule = deployed.partition(":")
+    rule = rule or fusion
+    final_probs = cands[deployed][0]
+    per = {f"member:{m.name}": p for m, p in zip(calibrated, member_probs)}
+    per.update({(f"image_ensemble:{r}" if n.startswith("image:") else n): pp[0]
+                for n, pp in cands.items() for r in [n.partition(":")[2]]})
+    cov_m = stacker = None
+    if covariates:
+        cov_m = CovariateManifest(covariates.model.to_dict(), covariates.age_mean, covariates.age_sd)
+        keep = ~covariates.imputed
+        # Kept even when not deployed: evaluation reports what the fused model would add.
+        stacker = StackerManifest(ProductStacker().fit(covariates.oof_probs[keep], by_rule[rule][1][0][keep],
+                                                       y[keep]).to_dict(), fit_on="pooled out-of-fold predictions")
     return BundleManifest(
-        members=tuple(calibrated), thresholds=thresholds, fusion=fusion_m,
-        predictor="fused" if fitted else "image", inputs=("image", "age", "sex") if fitted else ("image",),
-        covariates=covariates, stacker=stacker,
-        predictor_thresholds={name: _threshold(p[:, 1] + p[:, 2], y >= 1, target_sensitivity).threshold
+        members=tuple(calibrated), fusion=FusionManifest(rule, by_rule[rule][0]),
+        thresholds=Thresholds(threshold_for(final_probs[:, 1] + final_probs[:, 2], y >= 1, target_sensitivity),
+                              threshold_for(final_probs[:, 2], y == len(CLASSES) - 1, target_sensitivity)),
+        predictor=PREDICTOR_OF[kind], inputs=tuple(selection["candidates"][deployed]["inputs"]),
+        covariates=cov_m, stacker=stacker, selection=selection,
+        predictor_thresholds={name: threshold_for(p[:, 1] + p[:, 2], y >= 1, target_sensitivity).threshold
                               for name, p in per.items()},
     )

@@ -33,6 +33,9 @@ class MemberManifest:
     weights_init: str | None = None
     temperature: float = 1.0
     file: str | None = None  # weights file inside the bundle, set by `save_bundle`
+    # "finetune": trained end to end; "frozen": ImageNet backbone + shrinkage linear head
+    # (kneescreen.model.frozen). Both load and run the same way.
+    training: str = "finetune"
 
     @property
     def name(self) -> str:
@@ -89,13 +92,16 @@ class BundleManifest:
     thresholds: Thresholds
     classes: tuple[str, ...] = CLASSES
     fusion: FusionManifest = FusionManifest()
-    predictor: str = "image"  # image | fused: what screening deploys
+    predictor: str = "image"  # covariates | image | fused: what screening deploys (model.selection)
     inputs: tuple[str, ...] = ("image",)
     covariates: CovariateManifest | None = None
     stacker: StackerManifest | None = None
     # Each predictor's validation-chosen low-BMD threshold, so evaluations compare predictors
     # at the same target sensitivity (the deployed one's is `thresholds.low_bmd`).
     predictor_thresholds: dict = field(default_factory=dict)
+    # How `predictor` was chosen: rule, every candidate's out-of-fold metrics and its paired-
+    # bootstrap difference against covariates_only (kneescreen.model.selection.select).
+    selection: dict | None = None
     training_data: dict | None = None
     train_config: dict | None = None
     history: dict | None = None

@@ -41,8 +41,13 @@ PREDICTIONS = pa.schema([
     pa.field("risk_score", pa.float64()),  # P(osteopenia) + P(osteoporosis): low-BMD risk
     pa.field("low_bmd_flag", pa.bool_()),  # risk_score >= the bundle's low-BMD threshold
     pa.field("osteoporosis_flag", pa.bool_()),
-    pa.field("predictor", pa.string()),  # fused | image (image-only fallback: age/sex missing)
+    pa.field("predictor", pa.string()),  # covariates | fused | image (image-only fallback: age/sex missing)
     pa.field("covariates_imputed", pa.bool_()),
+    # What the deployed predictor is compared with (report, "what the radiograph adds"): the
+    # image ensemble's and the age/sex model's class probabilities [normal, osteopenia,
+    # osteoporosis]; null where that predictor has no output (no covariate model, age/sex missing).
+    pa.field("image_probs", pa.list_(pa.float64())),
+    pa.field("covariates_probs", pa.list_(pa.float64())),
     pa.field("reference_label", pa.string()),
     pa.field("reference_t_score", pa.float64()),
     pa.field("decode_ms", pa.float64()),

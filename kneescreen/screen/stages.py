@@ -31,7 +31,9 @@ def _column(values, field: pa.Field) -> pa.Array:
     """One column's values -> an Arrow array of the field's type (NaN and None become null)."""
     vals = [None if (v is None or (isinstance(v, float) and np.isnan(v))) else v
             for v in (values.tolist() if isinstance(values, np.ndarray) else list(values))]
-    if pa.types.is_boolean(field.type):
+    if pa.types.is_list(field.type):
+        vals = [None if v is None else [float(x) for x in v] for v in vals]
+    elif pa.types.is_boolean(field.type):
         vals = [None if v is None else bool(v) for v in vals]
     elif pa.types.is_string(field.type):
         vals = [None if v is None else str(v) for v in vals]
@@ -68,7 +70,8 @@ def decode_stage(batch: dict, spec: DecodeSpec) -> pa.Table:
 
 
 _RESULT_COLUMNS = ("p_normal", "p_osteopenia", "p_osteoporosis", "predicted_class", "risk_score", "low_bmd_flag",
-                   "osteoporosis_flag", "predictor", "covariates_imputed", "infer_ms", "inferred_at")
+                   "osteoporosis_flag", "predictor", "covariates_imputed", "image_probs", "covariates_probs",
+                   "infer_ms", "inferred_at")
 
 
 class EnsemblePredictor:
@@ -108,6 +111,10 @@ class EnsemblePredictor:
             res["osteoporosis_flag"][idx] = pred.osteoporosis_flag
             res["predictor"][idx] = pred.predictor
             res["covariates_imputed"][idx] = pred.covariates_imputed
+            for j, i in enumerate(idx):  # one list per row (numpy would broadcast a 2-D assignment)
+                res["image_probs"][i] = pred.image_probs[j].tolist()
+                if pred.covariate_probs is not None and not np.isnan(pred.covariate_probs[j]).any():
+                    res["covariates_probs"][i] = pred.covariate_probs[j].tolist()
             res["infer_ms"][idx] = (time.perf_counter() - t0) * 1000 / len(idx)
             res["inferred_at"][idx] = started
         out = {k: v for k, v in batch.items() if not k.startswith("img_")}

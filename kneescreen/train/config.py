@@ -20,6 +20,7 @@ class MemberSpec:
     input_mode: str = "gray"
     weights: str | None = "imagenet"
     image_size: int | None = None  # default: the architecture's input size
+    head: str = "finetune"  # finetune: Ray Train end to end; frozen: ImageNet features + shrinkage head
 
     def size(self) -> int:
         return self.image_size or get_spec(self.architecture).input_size
@@ -36,13 +37,20 @@ class TrainConfig:
     data: str = opt(help="labelled collection: folder-per-class, folder/prefix with labels.csv, or a labels file")
     out: str = opt(help="bundle folder or s3:// prefix")
     split_dir: str | None = opt(None, "reuse this split (default: <out>/split, created if missing)")
-    # The default model: EfficientNet-Lite0 (offline ImageNet weights), gray input, 160 px: the
-    # best image member found that trains on a 2-core CPU in minutes (docs/results.md).
-    members: tuple[str, ...] = opt(("efficientnet_lite0:gray",),
-                                   "architecture:input_mode per member (gray|rgb; see kneescreen.model.registry)")
+    # The default member: EfficientNet-Lite0 (offline ImageNet weights) as a frozen feature
+    # extractor with a shrinkage linear head. It fits in seconds on a CPU, so choosing the deployed
+    # predictor on out-of-fold predictions over the whole collection stays cheap; fine-tuned
+    # members (":finetune") cost one Ray Train run per fold (docs/results.md).
+    members: tuple[str, ...] = opt(("efficientnet_lite0:gray:frozen",),
+                                   "architecture:input_mode[:finetune|frozen] per member "
+                                   "(gray|rgb; see kneescreen.model.registry)")
     weights: str = opt("imagenet", "imagenet | none | path or s3 URI of an ImageNet state dict")
-    image_size: int = opt(160, "every member's input size; 160 trains in minutes on a CPU (docs/results.md), "
-                               "0 = each architecture's native size (224-299), the better choice on GPUs")
+    image_size: int = opt(0, "every member's input size; 0 = each architecture's native size (224-299); "
+                             "160 makes fine-tuning on a CPU 1.6x faster (docs/benchmarks.md)")
+    oof_folds: int = opt(5, "patient-level folds for the out-of-fold predictions that choose the deployed "
+                            "predictor (merged from the split's folds)")
+    selection_confidence: float = opt(0.9, "paired-bootstrap probability with which a predictor must beat "
+                                           "age + sex to be deployed instead of it")
     epochs: int = opt(15, "maximum epochs per member")
     batch_size: int = opt(16, "training batch per worker")
     lr: float = opt(1e-3, "AdamW learning rate (cosine schedule)")
@@ -69,13 +77,15 @@ class TrainConfig:
         """
         specs = []
         for item in self.members:
-            arch, _, mode = item.strip().partition(":")
+            arch, mode, head = (item.strip().split(":") + ["", ""])[:3]
             if arch not in list_models():
                 raise KneescreenError(f"members: unknown architecture {arch!r}; valid: {', '.join(list_models())}")
             if (mode or "gray") not in ("gray", "rgb"):
                 raise KneescreenError(f"members: input mode must be gray or rgb, not {mode!r} (in {item!r})")
+            if (head or "finetune") not in ("finetune", "frozen"):
+                raise KneescreenError(f"members: training must be finetune or frozen, not {head!r} (in {item!r})")
             weights = None if self.weights in ("none", "") else self.weights
-            specs.append(MemberSpec(arch, mode or "gray", weights, self.image_size or None))
+            specs.append(MemberSpec(arch, mode or "gray", weights, self.image_size or None, head or "finetune"))
         if not specs:
             raise KneescreenError("members: give at least one architecture:input_mode")
         return tuple(specs)
@@ -94,5 +104,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker"):
             if getattr(self, name) < 1:
                 raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        finetuned = any(m.head == "finetune" for m in self.member_specs())
+        if self.oof_folds < (3 if finetuned else 2):
+            raise KneescreenError(f"--oof-folds must be at least {3 if finetuned else 2} "
+                                  f"{'with fine-tuned members ' if finetuned else ''}(train, early-stopping "
+                                  f"and scored folds), not {self.oof_folds}")
+        if not 0.5 <= self.selection_confidence <= 1:
+            raise KneescreenError(f"--selection-confidence must be in [0.5, 1], not {self.selection_confidence}")
         if not 0 < self.target_sensitivity <= 1:
             raise KneescreenError(f"--target-sensitivity must be in (0, 1], not {self.target_sensitivity}")

@@ -1,8 +1,9 @@
 """Patient-level k-fold cross-validation of the whole recipe (members, fusion, covariates,
 stacking, thresholds), pooled out-of-fold, for docs/results.md.
 
-Fold f is the test set, fold f+1 the validation set (early stopping, temperature, fusion weights,
-stacker, thresholds), the rest train. Every number is computed on out-of-fold predictions only.
+Outer fold f is the test set; the recipe `kneescreen train` runs (members, inner out-of-fold
+selection of the deployed predictor, calibration, thresholds) is fit on the other folds. Every
+number is computed on the pooled outer-fold predictions only.
 """
 
 from __future__ import annotations
@@ -20,33 +21,25 @@ from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES, age_band
 from kneescreen.metrics import binary_counts, classification_report
 from kneescreen.model.bundle import Bundle
-from kneescreen.model.ensemble import fit_ensemble, member_manifest
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import load_arrays, subset
-from kneescreen.train.evaluate import predictor_outputs
-from kneescreen.train.run import train_member
+from kneescreen.train.evaluate import image_value, predictor_outputs
+from kneescreen.train.run import fit_bundle
 
 _logger = logging.getLogger(__name__)
-FUSION_RULES = ("soft", "fuzzy_rank", "weighted", "majority")
 
 
-def _fold(f: int, k: int, arrays: dict, cfg: TrainConfig, store: Store, fusion_methods, oof: dict) -> None:
-    """Train on the other folds, fit on fold f+1, append fold f's predictions to ``oof``."""
-    test_m, val_m = arrays["fold"] == f, arrays["fold"] == (f + 1) % k
-    train, val, test = subset(arrays, ~test_m & ~val_m), subset(arrays, val_m), subset(arrays, test_m)
-    specs = cfg.member_specs()
-    states = [train_member(m, train, val, cfg, f"{cfg.name}-cv{f}-{m.name}", store)[0] for m in specs]
-    members = [member_manifest(m.architecture, m.input_mode, m.size(), m.weights) for m in specs]
-    for method in fusion_methods:
-        manifest = fit_ensemble(members, states, val, train, method, cfg.target_sensitivity)
-        bundle = Bundle.from_states(dataclasses.replace(manifest, version=f"cv-fold{f}-{method}"), states)
-        for name, (probs, pred) in predictor_outputs(bundle, test).items():
-            if method != fusion_methods[0] and not name.startswith("image_ensemble"):
-                continue  # members, covariates and fused are reported once (first method)
-            d = oof.setdefault(name, {"probs": [], "pred": [], "low": []})
-            d["probs"].append(probs)
-            d["pred"].append(pred)
-            d["low"].append((probs[:, 1] + probs[:, 2]) >= manifest.low_bmd_threshold(name))
+def _outer_fold(f: int, arrays: dict, cfg: TrainConfig, store: Store, oof: dict) -> None:
+    """Fit the whole recipe (members, out-of-fold selection) without fold f; score fold f."""
+    manifest, states, _ = fit_bundle(arrays, arrays["fold"] != f, cfg, store)
+    bundle = Bundle.from_states(dataclasses.replace(manifest, version=f"cv-fold{f}"), states)
+    test = subset(arrays, arrays["fold"] == f)
+    for name, (probs, pred) in predictor_outputs(bundle, test).items():
+        d = oof.setdefault(name, {"probs": [], "pred": [], "low": []})
+        d["probs"].append(probs)
+        d["pred"].append(pred)
+        d["low"].append((probs[:, 1] + probs[:, 2]) >= manifest.low_bmd_threshold(name))
+    oof.setdefault("_deployed", []).append(manifest.selection["deployed"])
 
 
 def pooled_report(oof: dict, y: np.ndarray, ages: list) -> dict:
@@ -69,8 +62,12 @@ def pooled_report(oof: dict, y: np.ndarray, ages: list) -> dict:
     return out
 
 
-def run_cv(cfg: TrainConfig, out_json: str, fusion_methods=FUSION_RULES, store: Store | None = None) -> dict:
-    """k-fold CV of the whole recipe on ``cfg.data``; writes and returns the pooled results."""
+def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
+    """Patient-level k-fold CV of the whole recipe on ``cfg.data``; writes and returns the pooled results.
+
+    Each outer fold is scored by a bundle fit (members, selection, thresholds) without it, so the
+    ``deployed`` row is an honest estimate of what `kneescreen train` deploys.
+    """
     store = store or Store.resolve(cfg.endpoint_url)
     ensure_ray()
     split_dir = join(out_json.rsplit("/", 1)[0], "cv-split")
@@ -78,17 +75,21 @@ def run_cv(cfg: TrainConfig, out_json: str, fusion_methods=FUSION_RULES, store: 
     rows = load_split(split_dir, store)
     k = 1 + max(r["fold"] for r in rows)
     arrays = load_arrays(rows, sorted({m.size() for m in cfg.member_specs()}), store)
-    oof: dict[str, dict] = {}
-    labels, ages = [], []
+    oof: dict = {}
+    labels, ages, sexes, tscores = [], [], [], []
     for f in range(k):
-        _fold(f, k, arrays, cfg, store, fusion_methods, oof)
-        test_m = arrays["fold"] == f
-        labels.append(arrays["label"][test_m])
-        ages += [a for a, m in zip(arrays["age"], test_m) if m]
+        _outer_fold(f, arrays, cfg, store, oof)
+        m = arrays["fold"] == f
+        labels.append(arrays["label"][m])
+        ages += [a for a, keep in zip(arrays["age"], m) if keep]
+        sexes += [s for s, keep in zip(arrays["sex"], m) if keep]
+        tscores += [t for t, keep in zip(arrays["t_score"], m) if keep]
         _logger.info("fold %d/%d done", f + 1, k)
+    deployed = oof.pop("_deployed")
     y = np.concatenate(labels)
-    results = {"n": int(len(y)), "folds": k, "config": to_flat_dict(cfg),
+    results = {"n": int(len(y)), "folds": k, "config": to_flat_dict(cfg), "deployed_per_fold": deployed,
                "class_counts": dict(zip(CLASSES, np.bincount(y, minlength=3).tolist())),
-               "predictors": pooled_report(oof, y, ages)}
+               "predictors": pooled_report(oof, y, ages),
+               "image_value": image_value(oof, y, ages, sexes, tscores)}
     store.write_bytes(out_json, json.dumps(results, indent=2, default=float).encode())
     return results

@@ -14,7 +14,7 @@ from kneescreen.data.decode import DecodeSpec, decode_batch, ok_rows
 from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
 
-_KEEP = ("key", "label", "row_age", "row_sex", "split", "fold", "status", "error_code")
+_KEEP = ("key", "label", "row_age", "row_sex", "row_t", "split", "fold", "status", "error_code")
 
 
 def _decode_for_training(batch: dict, spec: DecodeSpec) -> dict:
@@ -30,11 +30,12 @@ def load_arrays(rows: list[dict], sizes: list[int], store: Store) -> dict:
     """Decode split rows with Ray Data tasks.
 
     Returns:
-        ``label``, ``key``, ``split``, ``fold`` arrays, ``age``/``sex`` lists (from the labels,
+        ``label``, ``key``, ``split``, ``fold`` arrays, ``age``/``sex``/``t_score`` lists (from the labels,
         not the headers) and ``images``: size -> (n, s, s) uint8, sorted by key.
     """
     items = [{"uri": r["uri"], "key": r["key"], "label": CLASSES.index(r["label"]),
               "row_age": np.nan if r.get("age") is None else float(r["age"]), "row_sex": r.get("sex") or "",
+              "row_t": np.nan if r.get("t_score") is None else float(r["t_score"]),
               "split": r["split"], "fold": int(r["fold"])} for r in rows]
     spec = DecodeSpec(store=store, sizes=tuple(sizes), root=None, body_part_policy="keep")
     ds = ray.data.from_items(items).map_batches(_decode_for_training, fn_kwargs={"spec": spec}, batch_size=8)
@@ -42,6 +43,7 @@ def load_arrays(rows: list[dict], sizes: list[int], store: Store) -> dict:
     arrays = {k: np.asarray([g[k] for g in got]) for k in ("label", "split", "fold", "key")}
     arrays["age"] = [None if np.isnan(g["row_age"]) else float(g["row_age"]) for g in got]
     arrays["sex"] = [g["row_sex"] or None for g in got]
+    arrays["t_score"] = [None if np.isnan(g["row_t"]) else float(g["row_t"]) for g in got]
     arrays["images"] = {s: np.stack([g[f"img_{s}"] for g in got]) if got else np.zeros((0, s, s), np.uint8)
                         for s in sizes}
     return arrays
@@ -53,5 +55,6 @@ def subset(arrays: dict, mask: np.ndarray) -> dict:
     return {
         "label": arrays["label"][idx], "key": arrays["key"][idx],
         "age": [arrays["age"][i] for i in idx], "sex": [arrays["sex"][i] for i in idx],
+        "t_score": [arrays["t_score"][i] for i in idx] if "t_score" in arrays else [None] * len(idx),
         "images": {s: v[idx] for s, v in arrays["images"].items()},
     }

@@ -15,7 +15,7 @@ from kneescreen.config import dump_yaml, opt
 from kneescreen.data.datasets import load_split
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES, age_band
-from kneescreen.metrics import binary_counts, classification_report
+from kneescreen.metrics import binary_counts, classification_report, paired_bootstrap, partial_spearman
 from kneescreen.model.bundle import Bundle, load_bundle
 from kneescreen.train.data import load_arrays, subset
 
@@ -23,16 +23,47 @@ _logger = logging.getLogger(__name__)
 
 
 def predictor_outputs(bundle: Bundle, data: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (probs, pred) for members, image ensemble, covariates-only and fused."""
+    """name -> (probs, pred): members, the image ensemble, covariates-only, the fused model (kept in
+    every bundle with age/sex, deployed or not) and ``deployed`` (what screening writes)."""
     pred = bundle.predict(data["images"], data["age"], data["sex"])
+    rule = bundle.manifest.fusion.method
     out = {}
     for spec, p in zip(bundle.manifest.members, pred.member_probs):
         out[f"member:{spec.name}"] = (p, p.argmax(1))
-    out[f"image_ensemble:{bundle.manifest.fusion.method}"] = (pred.image_probs, bundle.image_ensemble(pred.member_probs)[1])
+    out[f"image_ensemble:{rule}"] = (pred.image_probs, bundle.image_ensemble(pred.member_probs)[1])
     if bundle.covariate_model is not None:
-        cp, _ = bundle.covariate_probs(data["age"], data["sex"])
+        cp, imputed = bundle.covariate_probs(data["age"], data["sex"])
         out["covariates_only"] = (cp, cp.argmax(1))
-        out["fused"] = (pred.probs, pred.pred)
+        if bundle.stacker is not None:
+            fused = np.where(imputed[:, None], pred.image_probs, bundle.stacker.predict_proba(cp, pred.image_probs))
+            out[f"fused:{rule}"] = (fused, fused.argmax(1))
+    out["deployed"] = (pred.probs, pred.pred)
+    return out
+
+
+def image_value(outputs: dict, y: np.ndarray, ages: list, sexes: list, t_scores: list, n_boot: int = 2000) -> dict:
+    """What the radiograph adds over age and sex, stated with intervals.
+
+    Args:
+        outputs: predictor name -> (probs, pred), or -> {"probs": [arrays]} pooled over folds.
+
+    Returns:
+        ``paired``: for the image ensemble, the fused model and the deployed predictor, the
+        paired-bootstrap difference against covariates_only in balanced accuracy, AUCs and Brier;
+        ``t_score_partial_spearman``: the pre-stated test, Spearman partial correlation between
+        the image ensemble's low-BMD score and the T-score given age and sex (permutation p).
+    """
+    probs = {n: np.concatenate(v["probs"]) if isinstance(v, dict) else v[0] for n, v in outputs.items()}
+    out: dict = {"paired": {}}
+    if "covariates_only" in probs:
+        for name in [n for n in probs if n.startswith(("image_ensemble", "fused", "deployed"))]:
+            out["paired"][name] = paired_bootstrap(y, probs[name], probs["covariates_only"], n_boot=n_boot)
+    image = next((probs[n] for n in probs if n.startswith("image_ensemble")), None)
+    age = np.array([np.nan if a is None else a for a in ages], float)
+    female = np.array([np.nan if s is None else float(str(s).upper().startswith("F")) for s in sexes], float)
+    t = np.array([np.nan if v is None else v for v in t_scores], float)
+    if image is not None and np.isfinite(t).sum() >= 8:
+        out["t_score_partial_spearman"] = partial_spearman(image[:, 1] + image[:, 2], t, np.column_stack([age, female]))
     return out
 
 
@@ -59,6 +90,9 @@ def evaluate_arrays(bundle: Bundle, data: dict, n_boot: int = 1000) -> dict:
         report["predictors"][name] = r
     probs, pred = outputs[f"image_ensemble:{bundle.manifest.fusion.method}"]
     report["image_ensemble_by_age_band"] = _by_age_band(y, probs, pred, list(data["age"]))
+    report["deployed"] = bundle.manifest.selection["deployed"] if bundle.manifest.selection else bundle.manifest.predictor
+    report["image_value"] = image_value(outputs, y, list(data["age"]), list(data["sex"]),
+                                        list(data.get("t_score") or [None] * len(y)))
     return report
 
 
@@ -66,8 +100,13 @@ def evaluate_bundle(bundle_uri: str, data: dict, store: Store | None = None, n_b
     return evaluate_arrays(load_bundle(bundle_uri, store=store), data, n_boot=n_boot)
 
 
-def format_table(report: dict) -> str:
-    """The evaluation table people read in a terminal."""
+def format_table(report: dict, compact: bool = False) -> str:
+    """The evaluation table people read in a terminal.
+
+    Args:
+        compact: only the image ensemble, covariates-only and deployed rows, and what the
+            deployed predictor adds (the demo's summary).
+    """
 
     def ci(r, k):
         v, lo, hi = r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi")
@@ -79,10 +118,34 @@ def format_table(report: dict) -> str:
            f"{'lowBMD sens':>18s} {'lowBMD spec':>18s} {'Brier':>6s}"
     lines = [f"n = {report['n']} held-out images, bundle {report['bundle_version']}", head, "-" * len(head)]
     for name, r in report["predictors"].items():
+        if compact and not name.startswith(("image_ensemble", "covariates_only", "deployed")):
+            continue
         op = r["per_class"]["osteoporosis"]
         lines.append(f"{name:38s} {ci(r, 'balanced_accuracy'):>18s} {ci(r, 'macro_f1'):>18s} {ci(op, 'auc'):>18s} "
                      f"{ci(r['low_bmd'], 'sensitivity'):>18s} {ci(r['low_bmd'], 'specificity'):>18s} {r['brier']:6.3f}")
+    value = report.get("image_value") or {}
+    if compact:
+        value = {**value, "paired": {k: v for k, v in value.get("paired", {}).items() if k == "deployed"}}
+    lines += format_image_value(value)
     return "\n".join(lines)
+
+
+def format_image_value(value: dict) -> list[str]:
+    """Lines stating what the image adds over age + sex (paired bootstrap, T-score test)."""
+    lines = []
+    for name, diffs in value.get("paired", {}).items():
+        parts = []
+        for metric, label in (("balanced_accuracy", "bal.acc"), ("auc_low_bmd", "lowBMD AUC"), ("brier", "Brier")):
+            d = diffs[metric]
+            if d["diff"] is not None:
+                parts.append(f"{label} {d['diff']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
+        if parts:
+            lines.append(f"{name} minus covariates_only (paired bootstrap 95% CI): " + ", ".join(parts))
+    t = value.get("t_score_partial_spearman")
+    if t and t["rho"] is not None:
+        lines.append(f"image score vs T-score given age and sex: Spearman partial rho {t['rho']:+.2f}, "
+                     f"permutation p = {t['p_value']:.3f} (n = {t['n']})")
+    return lines
 
 
 def report_rows(report: dict) -> list[dict]:

@@ -1,13 +1,14 @@
-"""`run_train`: split -> fine-tune every member on Ray Train -> fit the ensemble -> bundle.
+"""`run_train`: split -> out-of-fold predictions -> deployed predictor -> bundle -> test evaluation.
 
     split.csv --decode (Ray Data tasks, shared decoder)--> uint8 letterboxed images per size
-      -> per member: TorchTrainer(DDP; gloo on CPU, NCCL + bf16 autocast + channels_last on GPU)
-         train shard per worker, full validation set on every worker (identical early stopping)
-         checkpoint every epoch to <out>/checkpoints/<name>-<member>: a rerun resumes
-      -> driver: temperature per member, fusion weights, covariate model, stacker, thresholds
-         (kneescreen.model.ensemble, fit on validation) -> bundle -> test-split evaluation
-
-Members train one after another; each TorchTrainer uses the whole ScalingConfig.
+      -> every non-test image, patient-level folds (train.oof):
+           frozen members: features once, shrinkage head per fold; fine-tuned members: one
+           TorchTrainer run per fold; the age/sex model per fold
+      -> pooled out-of-fold predictions (model.ensemble, model.selection): temperatures, fusion
+         weights, cross-fitted fused model, the deployed predictor (never worse than age + sex
+         by the manifest's rule), thresholds
+      -> final members (frozen heads on all non-test images; fine-tuned on train with the
+         validation split for early stopping) -> bundle -> held-out test evaluation
 """
 
 from __future__ import annotations
@@ -16,70 +17,22 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 
 import numpy as np
-import ray
-import torch
-from ray.train import (
-    CheckpointConfig,
-    DataConfig,
-    FailureConfig,
-    RunConfig,
-    ScalingConfig,
-)
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, to_flat_dict
 from kneescreen.data.datasets import SplitConfig, load_split, run_split
 from kneescreen.io.store import Store, join
-from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import save_bundle
-from kneescreen.model.ensemble import fit_ensemble, member_manifest
-from kneescreen.model.registry import normalisation
-from kneescreen.train.config import MemberSpec, TrainConfig
+from kneescreen.model.ensemble import CovariateFit, fit_ensemble, member_manifest
+from kneescreen.model.manifest import BundleManifest
+from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import load_arrays, subset
 from kneescreen.train.evaluate import evaluate_bundle
-from kneescreen.train.loop import train_loop
+from kneescreen.train.oof import covariate_out_of_fold, member_out_of_fold
 
 _logger = logging.getLogger(__name__)
-
-
-def train_member(member: MemberSpec, train: dict, val: dict, cfg: TrainConfig, run_name: str, store: Store):
-    """Fine-tune one member with TorchTrainer. Returns (best state dict, metrics history)."""
-    size = member.size()
-    key = f"img_{size}"
-    train_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(train["images"][size], train["label"])])
-    val_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(val["images"][size], val["label"])])
-    mean, std = normalisation(member.architecture, member.input_mode)
-    fs, storage_path = store.filesystem(cfg.checkpoints())
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "architecture": member.architecture, "input_mode": member.input_mode, "weights": member.weights,
-            "store": store, "size": size, "mean": mean, "std": std, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "patience": cfg.patience, "seed": cfg.seed,
-            "threads": cfg.cpus_per_worker, "member": member.name,
-            "class_counts": np.bincount(train["label"], minlength=len(CLASSES)).tolist(),
-        },
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-                                     placement_strategy=cfg.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{member.name}: training produced no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return saved["best_state"], history
 
 
 def training_fingerprint(rows: list[dict]) -> str:
@@ -99,11 +52,46 @@ def _load_split_arrays(cfg: TrainConfig, store: Store) -> tuple[list[dict], dict
     return rows, load_arrays(rows, sizes, store)
 
 
-def run_train(cfg: TrainConfig, store: Store | None = None) -> dict:
-    """Split (or reuse a split), train every member, fit the ensemble, write and evaluate the bundle.
+def fit_bundle(arrays: dict, dev_mask: np.ndarray, cfg: TrainConfig, store: Store) -> tuple[BundleManifest, list, dict]:
+    """Members, out-of-fold selection and the manifest from the ``dev_mask`` rows of ``arrays``.
+
+    Used by `run_train` (every non-test image) and by cross-validation (all but the outer fold).
 
     Returns:
-        Summary: bundle path and version, test-split evaluation report.
+        (manifest without files/version, member state dicts, per-member training notes)
+    """
+    dev = subset(arrays, dev_mask)
+    folds = arrays["fold"][dev_mask] % cfg.oof_folds
+    # Fine-tuned members' deployable run: early stopping on one inner fold, training on the rest.
+    last = folds.max()
+    final = (subset(dev, folds != last), subset(dev, folds == last))
+    logits, states, notes, members = [], [], {}, []
+    for spec in cfg.member_specs():
+        lg, state, note = member_out_of_fold(spec, dev, folds, cfg, store, final)
+        logits.append(lg)
+        states.append(state)
+        notes[spec.name] = note
+        members.append(member_manifest(spec.architecture, spec.input_mode, spec.size(), spec.weights, spec.head))
+    cov = covariate_out_of_fold(dev, folds)
+    cov_fit = CovariateFit(cov[2], cov[3], cov[4], cov[0], cov[1]) if cov else None
+    manifest = fit_ensemble(members, logits, dev["label"], folds, cov_fit, cfg.fusion, cfg.target_sensitivity,
+                            cfg.selection_confidence)
+    _logger.info("deployed predictor: %s (out-of-fold balanced accuracy %.2f over %d images)",
+                 manifest.selection["deployed"],
+                 manifest.selection["candidates"][manifest.selection["deployed"]]["balanced_accuracy"], len(folds))
+    return manifest, states, notes
+
+
+def _history(notes: dict) -> dict:
+    return {name: [{k: v for k, v in h.items() if isinstance(v, (int, float, str))} for h in note.get("history", [])]
+            or [{k: v for k, v in note.items() if isinstance(v, (int, float, str))}] for name, note in notes.items()}
+
+
+def run_train(cfg: TrainConfig, store: Store | None = None) -> dict:
+    """Split (or reuse a split), fit members and the deployed predictor, write and evaluate the bundle.
+
+    Returns:
+        Summary: bundle path and version, the selection record, the test-split evaluation.
 
     Raises:
         KneescreenError: invalid settings (before any work) or unreadable inputs.
@@ -112,26 +100,17 @@ def run_train(cfg: TrainConfig, store: Store | None = None) -> dict:
     store = store or Store.resolve(cfg.endpoint_url)
     ensure_ray()
     rows, arrays = _load_split_arrays(cfg, store)
-    train, val, test = (subset(arrays, arrays["split"] == s) for s in ("train", "val", "test"))
-    _logger.info("training on %d images, validating on %d, testing on %d", len(train["label"]), len(val["label"]),
-                 len(test["label"]))
-    specs = cfg.member_specs()
-    states, histories = [], {}
-    for member in specs:
-        _logger.info("member %s: fine-tuning on %d worker(s)%s", member.name, cfg.num_workers,
-                     " with GPU" if cfg.use_gpu else "")
-        state, history = train_member(member, train, val, cfg, f"{cfg.name}-{member.name}", store)
-        states.append(state)
-        histories[member.name] = [{k: v for k, v in h.items() if isinstance(v, (int, float, str))} for h in history]
-    members = [member_manifest(m.architecture, m.input_mode, m.size(), m.weights) for m in specs]
+    dev_mask = arrays["split"] != "test"
+    _logger.info("fitting on %d images (%d folds), testing on %d", int(dev_mask.sum()), cfg.oof_folds,
+                 int((~dev_mask).sum()))
+    manifest, states, notes = fit_bundle(arrays, dev_mask, cfg, store)
     manifest = dataclasses.replace(
-        fit_ensemble(members, states, val, train, cfg.fusion, cfg.target_sensitivity),
+        manifest, train_config=to_flat_dict(cfg), history=_history(notes),
         training_data={"source": cfg.data, "fingerprint": training_fingerprint(rows),
-                       "n": {s: int((arrays["split"] == s).sum()) for s in ("train", "val", "test")}},
-        train_config=to_flat_dict(cfg), history=histories)
+                       "n": {s: int((arrays["split"] == s).sum()) for s in ("train", "val", "test")}})
     version = save_bundle(cfg.out, manifest, states, store)
     store.write_bytes(join(cfg.out, "train_config.yaml"), dump_yaml(cfg).encode())
     _logger.info("bundle %s written to %s", version, cfg.out)
-    report = evaluate_bundle(cfg.out, test, store=store)
+    report = evaluate_bundle(cfg.out, subset(arrays, ~dev_mask), store=store)
     store.write_bytes(join(cfg.out, "evaluation", "test.json"), json.dumps(report, indent=2, default=float).encode())
-    return {"bundle": cfg.out, "version": version, "test": report}
+    return {"bundle": cfg.out, "version": version, "selection": manifest.selection, "test": report}

@@ -1,0 +1,111 @@
+"""Out-of-fold predictions over the whole training collection (every non-test image).
+
+The split's patient-level folds (leak-free groups, stratified by class) are reused, merged to
+``oof_folds``. For each fold f every model is fit on the other folds and scores fold f, so each
+image is predicted once by a model that never saw it:
+
+- frozen members: features are computed once; only the shrinkage head is refit per fold (seconds);
+- fine-tuned members: one Ray Train run per fold (trained on k-2 folds, early stopping on the
+  next fold; so at least 3 folds) — k times the cost of one run, which is why the default member
+  is frozen;
+- the age/sex model: refit per fold.
+
+The final models are then fit on all of it (frozen heads, the age/sex model) or trained as before
+on the train split with the validation split for early stopping (fine-tuned members); calibration,
+fusion weights, the stacker and thresholds come from the pooled out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from kneescreen.io.store import Store
+from kneescreen.labels import CLASSES
+from kneescreen.model.bundle import Bundle
+from kneescreen.model.covariates import LogisticModel, covariate_features
+from kneescreen.model.ensemble import member_manifest
+from kneescreen.model.frozen import bake_head, extract_features, fit_head
+from kneescreen.model.manifest import BundleManifest, Threshold, Thresholds
+from kneescreen.model.registry import create_model, normalisation
+from kneescreen.train.config import MemberSpec, TrainConfig
+from kneescreen.train.data import subset
+from kneescreen.train.trainer import train_member
+
+_logger = logging.getLogger(__name__)
+MIN_COVARIATE_ROWS = 10
+
+
+def _frozen(member: MemberSpec, dev: dict, folds: np.ndarray, store: Store) -> tuple[np.ndarray, dict, dict]:
+    """(out-of-fold logits, final state dict, notes) of a frozen-feature member."""
+    mean, std = normalisation(member.architecture, member.input_mode)
+    model = create_model(member.architecture, len(CLASSES), member.input_mode, member.weights, store=store)
+    feats = extract_features(model, dev["images"][member.size()], member.input_mode, mean, std)
+    y = dev["label"]
+    logits = np.zeros((len(y), len(CLASSES)))
+    for f in np.unique(folds):
+        tr = folds != f
+        head, mu, sd, _ = fit_head(feats[tr], y[tr], len(CLASSES), folds=folds[tr])
+        logits[~tr] = ((feats[~tr] - mu) / sd) @ head.coef + head.bias
+    head, mu, sd, l2 = fit_head(feats, y, len(CLASSES), folds=folds)
+    bake_head(model, head, mu, sd)
+    return logits, {k: v.detach().cpu() for k, v in model.state_dict().items()}, {"l2": l2, "features": feats.shape[1]}
+
+
+def _logits_of(member: MemberSpec, state: dict, images: np.ndarray) -> np.ndarray:
+    draft = BundleManifest(members=(member_manifest(member.architecture, member.input_mode, member.size(), None),),
+                           thresholds=Thresholds(Threshold(0.5), Threshold(0.5)))
+    return Bundle.from_states(draft, [state]).member_logits({member.size(): images})[0]
+
+
+def _finetuned(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: TrainConfig, store: Store,
+               final: tuple[dict, dict]) -> tuple[np.ndarray, dict, dict]:
+    """(out-of-fold logits, final state dict, history) of a fine-tuned member."""
+    # The deployable run first: its name is the run's own, so an interrupted training resumes the
+    # model users get before spending time on the out-of-fold runs.
+    state, history = train_member(member, final[0], final[1], cfg, f"{cfg.name}-{member.name}", store)
+    ids = np.unique(folds)
+    logits = np.zeros((len(dev["label"]), len(CLASSES)))
+    for i, f in enumerate(ids):
+        val_f = ids[(i + 1) % len(ids)]
+        fit = (folds != f) & (folds != val_f)
+        fold_state, _ = train_member(member, subset(dev, fit), subset(dev, folds == val_f), cfg,
+                                     f"{cfg.name}-oof{f}-{member.name}", store)
+        logits[folds == f] = _logits_of(member, fold_state, dev["images"][member.size()][folds == f])
+    return logits, state, {"history": history}
+
+
+def member_out_of_fold(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: TrainConfig, store: Store,
+                       final: tuple[dict, dict]) -> tuple[np.ndarray, dict, dict]:
+    """Out-of-fold logits, the deployable state dict and training notes of one member.
+
+    Args:
+        dev: arrays of every non-test image; folds: fold id per dev image.
+        final: (train, val) arrays for the final fine-tuning run (fine-tuned members only).
+    """
+    _logger.info("member %s (%s): out-of-fold predictions over %d folds", member.name, member.head, len(np.unique(folds)))
+    if member.head == "frozen":
+        return _frozen(member, dev, folds, store)
+    return _finetuned(member, dev, folds, cfg, store, final)
+
+
+def covariate_out_of_fold(dev: dict, folds: np.ndarray):
+    """(out-of-fold probs, imputed mask, final model, age mean, age sd), or None without age/sex."""
+    ages = [a for a in dev["age"] if a is not None]
+    age_mean = float(np.mean(ages)) if ages else 65.0
+    age_sd = float(np.std(ages)) if len(ages) > 1 and np.std(ages) > 0 else 12.0
+    x, imputed = covariate_features(dev["age"], dev["sex"], age_mean, age_sd)
+    if (~imputed).sum() < MIN_COVARIATE_ROWS:
+        return None
+    y = dev["label"]
+
+    def fit(mask):
+        counts = np.bincount(y[mask], minlength=len(CLASSES)).astype(float)
+        cw = counts.sum() / (len(CLASSES) * np.maximum(counts, 1))
+        return LogisticModel(l2=1e-2).fit(x[mask], y[mask], len(CLASSES), class_weight=cw)
+
+    probs = np.zeros((len(y), len(CLASSES)))
+    for f in np.unique(folds):
+        probs[folds == f] = fit((folds != f) & ~imputed).predict_proba(x[folds == f])
+    return probs, imputed, fit(~imputed), age_mean, age_sd
