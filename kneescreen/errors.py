@@ -22,6 +22,7 @@ ERROR_CODES: dict[str, str] = {
     "malformed": "header could not be parsed",
     "decode_failed": "decoder rejected the pixel data",
     "read_failed": "object could not be read from storage",
+    "joint_not_found": "no knee joint could be located on the image with enough confidence",
 }
 
 

@@ -91,3 +91,38 @@ def test_write_archive_to_s3(s3_bucket):
     summary = write_archive(f"s3://{s3_bucket}/synth", SynthConfig(n=4, seed=1, size=64, workers=1))
     keys = [o.key for o in Store.resolve().list_objects(f"s3://{s3_bucket}/synth")]
     assert "labels.csv" in keys and sum(k.startswith("images/") for k in keys) == summary["images"] == 4
+
+
+def test_default_rendering_is_pinned():
+    """The default (coarse) archive's pixels, pinned when `signal_scale` was added: the option
+    must never change what the default writes. (Re-pin only on purpose, e.g. a numpy FFT change.)"""
+    from kneescreen.data.synth import render_knee
+
+    h = hashlib.sha256()
+    for sub in draw_subjects(SynthConfig(n=2, seed=9)):
+        h.update(render_knee(sub, 64).tobytes())
+    assert h.hexdigest() == "f2b5c688f2a0e45153c9bac7aa6691be5337fd494922e357468bcf74fea7d838"
+
+
+def test_signal_scale_option(tmp_path):
+    """`--signal-scale fine` is a flag with checked choices; fine archives carry the physical pixel
+    spacing (the synthetic condyles 90 mm wide), the default keeps its nominal one."""
+    import argparse
+
+    import pydicom
+
+    from kneescreen.cli import SynthCommand
+    from kneescreen.config import add_arguments, build
+    from kneescreen.data.synth import FOV_MM
+    from kneescreen.errors import KneescreenError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, SynthCommand)
+    cmd = build(SynthCommand, parser.parse_args(["--out", "x", "--signal-scale", "fine"]))
+    assert cmd.synth.signal_scale == "fine" and SynthConfig().signal_scale == "coarse"
+    with pytest.raises(KneescreenError):
+        build(SynthConfig, values={"signal_scale": "medium"})
+    for scale, spacing in (("fine", FOV_MM / 64), ("coarse", 0.15 * 384 / 64)):
+        write_archive(str(tmp_path / scale), SynthConfig(n=2, seed=1, size=64, workers=1, signal_scale=scale))
+        ds = pydicom.dcmread(next((tmp_path / scale / "images").rglob("*.dcm")))
+        assert float(ds.ImagerPixelSpacing[0]) == pytest.approx(spacing, rel=1e-6)
