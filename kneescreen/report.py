@@ -290,7 +290,7 @@ def _image_value_html(labelled) -> str:
             "same labelled images (paired bootstrap, 95% interval); an interval that includes 0 means this "
             "output cannot tell the two apart. Lower Brier is better.</p>"
             "<table><tr><th>images</th><th>predictor</th><th>n</th><th>balanced accuracy</th>"
-            "<th>osteoporosis AUC</th><th>low-BMD AUC</th><th>Brier</th></tr>%s</table>" % cells)
+            "<th>osteoporosis AUC</th><th>low-BMD AUC</th><th>Brier</th></tr>" + cells + "</table>")
     t = labelled[labelled["reference_t_score"].notna() & labelled["image_probs"].notna()]
     if len(t) >= 8:
         img = np.stack(t["image_probs"].to_numpy())

@@ -27,6 +27,22 @@ from kneescreen.labels import age_band, normalise_label, t_score_to_class
 _logger = logging.getLogger(__name__)
 KNEE_BODY_PARTS = {"KNEE", "LEG", "LOWER LIMB", "LOWERLIMB", "EXTREMITY", "LOWER EXTREMITY", "TIBIA", "FEMUR", "PATELLA"}
 RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "OT", "DR", "PX"}
+# Which error codes say something about the *object* and which about the moment it was read.
+# Transient: the storage read failed (throttling, 5xx, reset, timeout) after the client's own
+# retries, or the decoder died for reasons outside the file (out of memory, a crashed native
+# library): the same bytes may well screen next time, so the object is not done and the next
+# incremental run retries it. Every other code (not_dicom, truncated, malformed, ..., and the
+# skip codes not_knee / not_radiograph) describes the bytes: reading them again gives the same
+# answer, so the object is done unless `--retry-errors` asks for errors to be tried again.
+TRANSIENT_ERROR_CODES = frozenset({"read_failed"})
+SKIP_CODES = frozenset({"not_knee", "not_radiograph"})
+
+
+def is_transient(error_code: str | None) -> bool:
+    """Whether a row with this error code may succeed on a later attempt (see TRANSIENT_ERROR_CODES)."""
+    return error_code in TRANSIENT_ERROR_CODES
+
+
 META_COLUMNS = (
     "status", "error_code", "message", "format", "patient_pseudo_id", "study_pseudo_id", "laterality", "view",
     "site", "manufacturer", "sex", "age", "age_band", "reference_label", "reference_t_score", "decode_ms")
@@ -78,11 +94,16 @@ def load_side_table(store: Store, uri: str | None) -> dict[str, dict]:
 def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig):
     """(status, error_code, message, meta, image) for one object; never raises."""
     try:
-        rg = read_radiograph(spec.store.read_bytes(uri), cfg)
+        data = spec.store.read_bytes(uri)
+    except Exception as exc:  # noqa: BLE001 - storage failures are rows, not a dead batch
+        return "error", "read_failed", f"storage: {type(exc).__name__}: {exc}"[:300], None, None
+    try:
+        rg = read_radiograph(data, cfg)
     except DecodeError as exc:
         return "error", exc.error_code, exc.message, None, None
-    except Exception as exc:  # noqa: BLE001 - storage failures are rows, not a dead batch
-        return "error", "read_failed", f"{type(exc).__name__}: {exc}"[:300], None, None
+    except Exception as exc:  # noqa: BLE001 - the reader raises only DecodeError for bad bytes, so
+        # anything else (MemoryError, a crashed decoder library) is about this attempt: transient.
+        return "error", "read_failed", f"decoder crashed: {type(exc).__name__}: {exc}"[:300], None, None
     meta = rg.meta
     body = (meta.body_part or "").upper()
     if meta.modality and meta.modality.upper() not in RADIOGRAPH_MODALITIES:

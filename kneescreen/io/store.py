@@ -7,6 +7,12 @@ write: images, splits, weights, checkpoints, bundles and screening output. It pi
 settings only; each process builds its boto3 client and pyarrow filesystem once, on first use.
 Credentials come from boto3's default chain and are never logged. pyarrow's S3FileSystem ignores
 ``AWS_ENDPOINT_URL`` (pyarrow 26), hence the explicit ``endpoint_override``.
+
+Both clients retry transient S3 failures (throttling, 5xx, connection resets, timeouts) up to
+``max_attempts`` attempts in all (``AWS_MAX_ATTEMPTS``, default 5): boto3 in botocore's
+``adaptive`` mode (standard retries plus client-side rate limiting when S3 says SlowDown),
+pyarrow with the AWS SDK's standard strategy. What still fails becomes a ``read_failed`` row,
+which the next incremental run retries (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -73,25 +80,43 @@ class Store:
     Args:
         endpoint_url: S3-compatible endpoint (``http://127.0.0.1:9000``); None = AWS.
         region: AWS region for pyarrow (boto3 finds its own).
+        max_attempts: S3 attempts per request in all, first one included (1 = no retries), for
+            boto3 and pyarrow alike.
+        connect_timeout: seconds to open a connection before the attempt fails (and is retried).
+        read_timeout: seconds without a byte from S3 before the attempt fails (and is retried).
+
+    Raises:
+        KneescreenError: ``max_attempts`` below 1.
     """
 
-    def __init__(self, endpoint_url: str | None = None, region: str | None = None):
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 5,
+                 connect_timeout: float = 10.0, read_timeout: float = 60.0):
+        if int(max_attempts) < 1:
+            raise KneescreenError(f"S3 max_attempts must be at least 1 (AWS_MAX_ATTEMPTS), not {max_attempts}")
         self.endpoint_url = endpoint_url or None
         self.region = region or None
+        self.max_attempts = int(max_attempts)
+        # 10 s to connect is long for S3 (normally milliseconds) yet short enough that a dead
+        # endpoint is retried rather than hanging; 60 s read covers a slow large-object first byte.
+        self.connect_timeout = float(connect_timeout)
+        self.read_timeout = float(read_timeout)
         self._lock = threading.Lock()
         self._client = None
         self._s3fs = None
 
     @classmethod
     def resolve(cls, endpoint_url: str | None = None) -> Store:
-        """The store for a command: the flag, else ``AWS_ENDPOINT_URL(_S3)``, else AWS."""
+        """The store for a command: the flag, else ``AWS_ENDPOINT_URL(_S3)``, else AWS; attempts
+        from the standard ``AWS_MAX_ATTEMPTS`` (else 5)."""
         env = os.environ
         return cls(endpoint_url or env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3"),
-                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+                   max_attempts=int(env.get("AWS_MAX_ATTEMPTS") or 5))
 
     # Pickled as settings only: clients are per process and rebuilt on first use.
     def __getstate__(self) -> dict:
-        return {"endpoint_url": self.endpoint_url, "region": self.region}
+        return {"endpoint_url": self.endpoint_url, "region": self.region, "max_attempts": self.max_attempts,
+                "connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -100,10 +125,10 @@ class Store:
         return isinstance(other, Store) and self.__getstate__() == other.__getstate__()
 
     def __hash__(self) -> int:
-        return hash((self.endpoint_url, self.region))
+        return hash(tuple(self.__getstate__().items()))
 
     def __repr__(self) -> str:
-        return f"Store(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+        return f"Store(endpoint_url={self.endpoint_url!r}, region={self.region!r}, max_attempts={self.max_attempts})"
 
     # -- clients --------------------------------------------------------------------------------
 
@@ -113,8 +138,17 @@ class Store:
         with self._lock:
             if self._client is None:
                 import boto3
+                from botocore.config import Config
 
-                self._client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+                # adaptive = standard retries (5xx, throttling, resets, timeouts, with jittered
+                # backoff) plus a client-side token bucket that slows down on SlowDown, so many
+                # decode tasks hitting one prefix back off instead of failing in a burst.
+                # total_max_attempts, not max_attempts: botocore's max_attempts counts retries
+                # after the first attempt, AWS_MAX_ATTEMPTS and pyarrow count attempts in all.
+                config = Config(retries={"mode": "adaptive", "total_max_attempts": self.max_attempts},
+                                connect_timeout=self.connect_timeout, read_timeout=self.read_timeout)
+                self._client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                                            config=config)
             return self._client
 
     def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
@@ -131,7 +165,9 @@ class Store:
                     kwargs["scheme"] = parsed.scheme or "https"
                 if self.region:
                     kwargs["region"] = self.region
-                self._s3fs = pafs.S3FileSystem(**kwargs)
+                self._s3fs = pafs.S3FileSystem(
+                    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+                    connect_timeout=self.connect_timeout, request_timeout=self.read_timeout, **kwargs)
             return self._s3fs, f"{bucket}/{key}".rstrip("/")
 
     # -- objects --------------------------------------------------------------------------------
@@ -285,6 +321,22 @@ class Store:
         """A Parquet file or folder of files as one Arrow table (``partitioning=None``)."""
         fs, path = self.filesystem(uri)
         return pq.read_table(path, filesystem=fs, partitioning=None, **kwargs)
+
+    def count_parquet_rows(self, uri: str) -> int:
+        """Rows in a Parquet file or folder, from the file footers (no data pages read)."""
+        fs, path = self.filesystem(uri)
+        return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).count_rows()
+
+    def iter_parquet_batches(self, uri: str, columns: list[str], schema=None,
+                             batch_size: int = 65_536) -> Iterator:
+        """Record batches of a Parquet file or folder, a few at a time.
+
+        Readahead is kept to one file and two batches, so memory holds a handful of batches
+        whatever the number of rows (aggregations over a whole run stay bounded on the driver).
+        """
+        fs, path = self.filesystem(uri)
+        ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None, schema=schema)
+        yield from ds.to_batches(columns=columns, batch_size=batch_size, batch_readahead=2, fragment_readahead=1)
 
     def local_path(self, uri: str) -> str:
         """Ray Train's ``storage_path``: absolute locally; S3 keeps its URI (pass `filesystem`)."""

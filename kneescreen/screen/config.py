@@ -22,6 +22,10 @@ class ScreenConfig:
     exclude: tuple[str, ...] = opt((), "glob on keys to exclude")
     mode: str = opt("incremental", "incremental: skip (key, etag) already screened by this model version",
                     choices=("incremental", "full"))
+    # Transient errors (read_failed: storage, timeouts, throttling, decoder crashes) are always
+    # retried by the next incremental run; permanent ones (not_dicom, truncated, ...) only when
+    # asked, e.g. after a reader fix (docs/operations.md, "Transient and permanent errors").
+    retry_errors: bool = opt(False, "incremental: also re-screen objects whose earlier rows are permanent errors")
     # Inference batch: 32 keeps a CPU actor's working set (32 x 224^2 activations) in cache-
     # friendly sizes; on a GPU raise it (256+) until the GPU is busy.
     batch_size: int = opt(32, "inference batch size per actor")

@@ -5,11 +5,13 @@
          error/skipped rows)
       -> ensemble inference (ActorPoolStrategy: 1 GPU per actor on clusters, CPU actors here)
       -> postprocess (pure fn: schema.PREDICTIONS) -> write_parquet(predictions/...)
-      -> stats (driver, this run's rows) -> runs/run_id=<r>.json (the commit, written last)
+      -> stats (driver: this run's Parquet streamed batch by batch into counts)
+      -> runs/run_id=<r>.json (the commit, written last)
 
 Exactly once: a run is committed when its manifest exists (`ledger`). Before starting, a run
 deletes the files of runs that never committed; incremental mode skips every (key, etag) that a
-committed run with the same model version already holds.
+committed run with the same model version has done (ok, skipped, or a permanent error) and retries
+transient errors (and, with ``--retry-errors``, permanent ones).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import json
 import logging
 import time
 
-import pandas as pd
 import ray
 
 from kneescreen._private.cluster import ensure_ray
@@ -39,7 +40,7 @@ from kneescreen.screen.stages import (
     decode_stage,
     to_prediction_table,
 )
-from kneescreen.screen.stats import compute_stats
+from kneescreen.screen.stats import STATS_COLUMNS, PredictionCounts, compute_stats
 
 _logger = logging.getLogger(__name__)
 DECODE_MEMORY = 512 * 1024**2
@@ -84,10 +85,10 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
 
 
 def _screen(cfg: ScreenConfig, store: Store, bundle: Bundle, listing: dict, key: bytes, run_id: str,
-            pred_uri: str) -> pd.DataFrame:
-    """Run the pipeline for the listed objects and read this run's rows back (checked)."""
+            pred_uri: str) -> int:
+    """Run the pipeline for the listed objects; returns the rows written (checked against the listing)."""
     if not listing["to_screen"]:
-        return pd.DataFrame({f.name: [] for f in PREDICTIONS})
+        return 0
     ensure_ray()
     cfg = dataclasses.replace(cfg, actors=resolve_actors(cfg, ray.cluster_resources()))
     # The console turns this line into a progress line fed by the inference operator's output
@@ -101,16 +102,31 @@ def _screen(cfg: ScreenConfig, store: Store, bundle: Bundle, listing: dict, key:
     # Blocks are small (decode_batch_size rows) for pipelining; files are not: analytics engines
     # prefer fewer, larger Parquet files.
     ds.write_parquet(out_path, filesystem=out_fs, min_rows_per_file=PREDICTION_FILE_ROWS)
-    table = store.read_parquet(pred_uri, schema=PREDICTIONS)
-    if table.num_rows != listing["to_screen"]:
-        raise KneescreenError(f"run {run_id}: wrote {table.num_rows} rows for {listing['to_screen']} listed objects; "
+    # From the footers: the check costs no data reads, whatever the run's size.
+    written = store.count_parquet_rows(pred_uri)
+    if written != listing["to_screen"]:
+        raise KneescreenError(f"run {run_id}: wrote {written} rows for {listing['to_screen']} listed objects; "
                               "not committing (the next run re-screens)")
-    return table.to_pandas()
+    return written
 
 
-def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, listing: dict, df: pd.DataFrame,
+def _count_predictions(store: Store, pred_uri: str, written: int) -> PredictionCounts:
+    """Stream this run's predictions (only the stats columns) into counts: driver memory holds
+    a few record batches and the per-subgroup counts, never the run's rows."""
+    if not written:
+        return PredictionCounts()
+    return PredictionCounts.of(store.iter_parquet_batches(pred_uri, list(STATS_COLUMNS), schema=PREDICTIONS))
+
+
+def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, listing: dict, counts,
                   started: _dt.datetime, timing: dict, pred_uri: str) -> dict:
-    written = len(df)
+    """The run manifest (the commit's content).
+
+    ``counts`` is the run's `PredictionCounts`, or its rows (a DataFrame or Arrow table) for
+    callers that hold them.
+    """
+    counts = counts if isinstance(counts, PredictionCounts) else PredictionCounts.of(counts)
+    written = counts.rows
     screen_s = timing["screen"]
     return {
         "run_id": run_id, "started_at": started.isoformat(), "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
@@ -119,11 +135,13 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         # Which pseudonymisation key made this run's ids (a hash of the key, never the key):
         # rows with different key ids cannot be joined on patient_pseudo_id.
         "pseudonym_key_id": hashlib.sha256(b"kneescreen-key-id:" + key).hexdigest()[:12],
+        # retried: objects screened again because an earlier committed run of this model version
+        # left them as errors (transient ones, or any with --retry-errors).
         "counts": {"listed": listing["listed"], "already_screened": listing["already_done"], "screened": written,
-                   **{s: int((df["status"] == s).sum()) for s in ("ok", "error", "skipped")}},
+                   "retried": listing.get("retried", 0), **counts.status_counts()},
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "throughput_images_per_s": round(written / screen_s, 2) if written and screen_s > 0 else None,
-        "error_codes": {k: int(v) for k, v in df["error_code"].value_counts().items()} if written else {},
+        "error_codes": {k: int(v) for k, v in sorted(counts.error_codes.items(), key=lambda kv: (-kv[1], kv[0]))},
         "config": to_flat_dict(cfg),
         "predictions": pred_uri if written else None,
     }
@@ -147,18 +165,21 @@ def run_screen(cfg: ScreenConfig, store: Store | None = None) -> dict:
     # Heavy set-up once, on the driver: download + verify the bundle, then share the verified
     # tensors with every actor through the object store (no per-actor S3 reads or re-hashing).
     bundle = load_bundle(cfg.bundle, store=store)
-    done = ledger.done_set(store, cfg.output, runs, bundle.version) if cfg.mode == "incremental" else set()
-    listing = ledger.stream_listing(store, cfg, run_id, done)
+    done, retry = (ledger.screen_state(store, cfg.output, runs, bundle.version, cfg.retry_errors)
+                   if cfg.mode == "incremental" else (set(), set()))
+    listing = ledger.stream_listing(store, cfg, run_id, done, retry)
     t_listed = time.perf_counter()
-    _logger.info("run %s: listed %d objects, %d already screened by model %s, %d to screen",
-                 run_id, listing["listed"], listing["already_done"], bundle.version, listing["to_screen"])
+    _logger.info("run %s: listed %d objects, %d already screened by model %s, %d to screen (%d retried)",
+                 run_id, listing["listed"], listing["already_done"], bundle.version, listing["to_screen"],
+                 listing["retried"])
     pred_uri = join(cfg.output, "predictions", f"model_version={bundle.version}", f"run_id={run_id}")
-    df = _screen(cfg, store, bundle, listing, key, run_id, pred_uri)
+    written = _screen(cfg, store, bundle, listing, key, run_id, pred_uri)
     t_screened = time.perf_counter()
-    store.write_parquet(compute_stats(df, run_id, bundle.version),
+    counts = _count_predictions(store, pred_uri, written)
+    store.write_parquet(compute_stats(counts, run_id, bundle.version),
                         join(cfg.output, "stats", f"model_version={bundle.version}", f"run_id={run_id}", "stats.parquet"))
     timing = {"list_and_diff": t_listed - t_start, "screen": t_screened - t_listed, "total": time.perf_counter() - t_start}
-    manifest = _run_manifest(cfg, run_id, bundle.version, key, listing, df, started, timing, pred_uri)
+    manifest = _run_manifest(cfg, run_id, bundle.version, key, listing, counts, started, timing, pred_uri)
     store.delete_prefix(listing["scratch"])
     # The resolved config beside the outputs: `kneescreen screen --config` replays this run.
     store.write_bytes(join(cfg.output, "configs", f"run_id={run_id}.yaml"), dump_yaml(cfg).encode())
