@@ -61,7 +61,8 @@ def binary_counts(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return out
 
 
-def _balanced_accuracy(cm: np.ndarray) -> float:
+def balanced_accuracy_of(cm: np.ndarray) -> float:
+    """Mean recall over the classes present, from a confusion matrix (rows: true class)."""
     rec = [cm[i, i] / cm[i].sum() for i in range(len(cm)) if cm[i].sum() > 0]
     return float(np.mean(rec)) if rec else float("nan")
 
@@ -74,7 +75,7 @@ def _f1s(cm: np.ndarray) -> np.ndarray:
 
 def balanced_accuracy(y_true, y_pred, n_classes: int) -> float:
     """Mean recall over the classes present in ``y_true`` (NaN when it is empty)."""
-    return _balanced_accuracy(confusion_matrix(y_true, y_pred, n_classes))
+    return balanced_accuracy_of(confusion_matrix(y_true, y_pred, n_classes))
 
 
 def macro_f1(y_true, y_pred, n_classes: int) -> float:
@@ -131,13 +132,13 @@ def classification_report(y_true, probs, classes: tuple[str, ...], pred=None, n_
     f1 = _f1s(cm)
     support = cm.sum(1)
     acc, acc_lo, acc_hi = wilson(int(np.trace(cm)), len(y))
-    bal_lo, bal_hi = _bootstrap(lambda a, b: _balanced_accuracy(confusion_matrix(a, b, k)), n_boot, seed, y, pred)
+    bal_lo, bal_hi = _bootstrap(lambda a, b: balanced_accuracy_of(confusion_matrix(a, b, k)), n_boot, seed, y, pred)
     mf1_lo, mf1_hi = _bootstrap(lambda a, b: float(_f1s(confusion_matrix(a, b, k)).mean()), n_boot, seed, y, pred)
     onehot = np.eye(k)[y]
     report = {
         "n": int(len(y)), "confusion_matrix": cm.tolist(), "classes": list(classes),
         "accuracy": acc, "accuracy_lo": acc_lo, "accuracy_hi": acc_hi,
-        "balanced_accuracy": _balanced_accuracy(cm), "balanced_accuracy_lo": bal_lo, "balanced_accuracy_hi": bal_hi,
+        "balanced_accuracy": balanced_accuracy_of(cm), "balanced_accuracy_lo": bal_lo, "balanced_accuracy_hi": bal_hi,
         "macro_f1": float(f1.mean()), "macro_f1_lo": mf1_lo, "macro_f1_hi": mf1_hi,
         "weighted_f1": float((f1 * support).sum() / max(support.sum(), 1)),
         "brier": float(((probs - onehot) ** 2).sum(1).mean()),

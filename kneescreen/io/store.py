@@ -337,7 +337,3 @@ class Store:
         fs, path = self.filesystem(uri)
         ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None, schema=schema)
         yield from ds.to_batches(columns=columns, batch_size=batch_size, batch_readahead=2, fragment_readahead=1)
-
-    def local_path(self, uri: str) -> str:
-        """Ray Train's ``storage_path``: absolute locally; S3 keeps its URI (pass `filesystem`)."""
-        return uri if is_s3(uri) else os.path.abspath(uri)

@@ -7,6 +7,7 @@ predictions: every number comes from images the scoring model did not see.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ def _image_oof(members: list[MemberManifest], logits: list[np.ndarray], y: np.nd
     calibrated, probs = [], []
     for spec, lg in zip(members, logits):
         t = fit_temperature(lg, y)
-        calibrated.append(MemberManifest(**{**spec.__dict__, "temperature": t}))
+        calibrated.append(dataclasses.replace(spec, temperature=t))
         probs.append(apply_temperature(lg, t))
     fused = {}
     for rule in rules:
@@ -88,7 +89,7 @@ def fit_ensemble(members: list[MemberManifest], oof_logits: list[np.ndarray], y:
                     covariates=covariates.oof_probs if covariates else None,
                     imputed=covariates.imputed if covariates else np.ones(len(y), bool))
     cands = build_candidates(oof)
-    selection = select(oof, confidence=confidence)
+    selection = select(oof, confidence=confidence, candidates=cands)
     deployed = selection["deployed"]
     kind, _, rule = deployed.partition(":")
     rule = rule or fusion

@@ -16,21 +16,16 @@ from torch import nn
 
 from kneescreen.data.preprocess import to_input
 from kneescreen.model.covariates import LogisticModel
-from kneescreen.model.registry import _named
+from kneescreen.model.registry import classifier_head
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # on standardised features, per-sample loss scale
-
-
-def final_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """(dotted name, module) of the classification head `create_model` installed."""
-    return _named(model, nn.Linear)[-1]
 
 
 @torch.inference_mode()
 def extract_features(model: nn.Module, images: np.ndarray, input_mode: str, mean, std,
                      batch_size: int = 32) -> np.ndarray:
     """Penultimate-layer features (the head's input) for (n, s, s) uint8 images."""
-    name, head = final_linear(model)
+    name, head = classifier_head(model)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().float().cpu()))
     try:
@@ -94,7 +89,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, k: int, folds: np.ndarray | None = No
 
 def bake_head(model: nn.Module, head: LogisticModel, mu: np.ndarray, sd: np.ndarray) -> nn.Module:
     """Write the logistic head into the network's final linear layer (exactly the same logits)."""
-    _, linear = final_linear(model)
+    _, linear = classifier_head(model)
     coef = head.coef / sd[:, None]  # (d, k): the standardisation folded into the weights
     bias = head.bias - mu @ coef
     with torch.no_grad():

@@ -153,6 +153,11 @@ def _load_imagenet(spec: ModelSpec, model: nn.Module, weights: str, store: Store
     model.load_state_dict(sd, strict=True)
 
 
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(dotted name, module) of a network's final linear layer: the head `create_model` replaces."""
+    return _named(model, nn.Linear)[-1]
+
+
 def create_model(name: str, num_classes: int = 3, input_mode: str = "gray", weights: str | None = None,
                  store: Store | None = None) -> nn.Module:
     """Build a registered model with a ``num_classes`` head.
@@ -182,7 +187,7 @@ def create_model(name: str, num_classes: int = 3, input_mode: str = "gray", weig
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
         _set(model, conv_name, new)
-    fc_name, fc = _named(model, nn.Linear)[-1]
+    fc_name, fc = classifier_head(model)
     _set(model, fc_name, nn.Linear(fc.in_features, num_classes))
     return model
 

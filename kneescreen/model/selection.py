@@ -20,12 +20,12 @@ deployed: on small data a lucky image model must not displace age and sex.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from kneescreen.labels import CLASSES
-from kneescreen.metrics import binary_counts, classification_report, paired_bootstrap
+from kneescreen.metrics import classification_report, paired_bootstrap
 from kneescreen.model.covariates import ProductStacker
 
 SELECTION_RULE = ("max pooled out-of-fold balanced accuracy (ties: fewer inputs); a candidate other than "
@@ -50,7 +50,6 @@ class OutOfFold:
     image: dict[str, tuple[np.ndarray, np.ndarray]]
     covariates: np.ndarray | None = None
     imputed: np.ndarray | None = None
-    candidates: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _with_fallback(probs: np.ndarray, image_probs: np.ndarray, image_pred: np.ndarray, imputed: np.ndarray):
@@ -82,7 +81,6 @@ def build_candidates(oof: OutOfFold) -> dict[str, tuple[np.ndarray, np.ndarray]]
         for rule in oof.image:
             fused = cross_fitted_fused(oof, rule)
             cands[f"fused:{rule}"] = _with_fallback(fused, *oof.image[rule], oof.imputed)
-    oof.candidates = cands
     return cands
 
 
@@ -99,14 +97,15 @@ def _summary(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, n_boot: int) ->
     return out
 
 
-def select(oof: OutOfFold, confidence: float = 0.9, n_boot: int = 2000) -> dict:
+def select(oof: OutOfFold, confidence: float = 0.9, n_boot: int = 2000,
+           candidates: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Score every candidate and choose the deployed one by `SELECTION_RULE`.
 
     Returns:
         The manifest's ``selection`` record: rule, confidence, n, per-candidate metrics (and
         the paired-bootstrap difference against covariates_only), and ``deployed``.
     """
-    cands = oof.candidates or build_candidates(oof)
+    cands = candidates or build_candidates(oof)
     y = oof.y
     record: dict = {"rule": SELECTION_RULE, "confidence": confidence, "n": int(len(y)),
                     "folds": int(len(np.unique(oof.folds))), "candidates": {}}
@@ -125,7 +124,3 @@ def select(oof: OutOfFold, confidence: float = 0.9, n_boot: int = 2000) -> dict:
     record["deployed"] = best
     return record
 
-
-def low_bmd_counts(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
-    """Low-BMD confusion counts of one candidate at its threshold (for the manifest's record)."""
-    return binary_counts(y >= 1, probs[:, 1] + probs[:, 2] >= threshold)

@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 
 from kneescreen.labels import CLASSES
 
-# _balanced_accuracy takes the confusion matrix itself: the same function, hence the same float,
+# balanced_accuracy_of takes the confusion matrix itself: the same function, hence the same float,
 # as balanced_accuracy() over the rows.
-from kneescreen.metrics import _balanced_accuracy, wilson
+from kneescreen.metrics import balanced_accuracy_of, wilson
 from kneescreen.screen.schema import STATS, STATUSES
 
 SUBGROUPS = ("site", "manufacturer", "sex", "age_band", "view")
@@ -172,7 +172,7 @@ def _reference_rows(add, cm: np.ndarray, low: dict, n_ref: int) -> None:
     acc = int(np.trace(cm))
     p, lo, hi = wilson(acc, n_ref)
     add("overall", "accuracy", p, lo, hi, acc, n_ref)
-    add("overall", "balanced_accuracy", _balanced_accuracy(cm), num=None, den=n_ref)
+    add("overall", "balanced_accuracy", balanced_accuracy_of(cm), num=None, den=n_ref)
     targets = []
     for i, c in enumerate(CLASSES):  # one class against the rest, from the 3x3 counts
         tp, fn, fp = int(cm[i, i]), int(cm[i].sum() - cm[i, i]), int(cm[:, i].sum() - cm[i, i])

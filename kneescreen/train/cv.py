@@ -29,8 +29,12 @@ from kneescreen.train.run import fit_bundle
 _logger = logging.getLogger(__name__)
 
 
-def _outer_fold(f: int, arrays: dict, cfg: TrainConfig, store: Store, oof: dict) -> None:
-    """Fit the whole recipe (members, out-of-fold selection) without fold f; score fold f."""
+def _outer_fold(f: int, arrays: dict, cfg: TrainConfig, store: Store, oof: dict) -> str:
+    """Fit the whole recipe (members, out-of-fold selection) without fold f; score fold f.
+
+    Returns:
+        The candidate the recipe deployed for this fold.
+    """
     manifest, states, _ = fit_bundle(arrays, arrays["fold"] != f, cfg, store)
     bundle = Bundle.from_states(dataclasses.replace(manifest, version=f"cv-fold{f}"), states)
     test = subset(arrays, arrays["fold"] == f)
@@ -39,7 +43,7 @@ def _outer_fold(f: int, arrays: dict, cfg: TrainConfig, store: Store, oof: dict)
         d["probs"].append(probs)
         d["pred"].append(pred)
         d["low"].append((probs[:, 1] + probs[:, 2]) >= manifest.low_bmd_threshold(name))
-    oof.setdefault("_deployed", []).append(manifest.selection["deployed"])
+    return manifest.selection["deployed"]
 
 
 def pooled_report(oof: dict, y: np.ndarray, ages: list) -> dict:
@@ -76,16 +80,15 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
     k = 1 + max(r["fold"] for r in rows)
     arrays = load_arrays(rows, sorted({m.size() for m in cfg.member_specs()}), store)
     oof: dict = {}
-    labels, ages, sexes, tscores = [], [], [], []
+    labels, ages, sexes, tscores, deployed = [], [], [], [], []
     for f in range(k):
-        _outer_fold(f, arrays, cfg, store, oof)
+        deployed.append(_outer_fold(f, arrays, cfg, store, oof))
         m = arrays["fold"] == f
         labels.append(arrays["label"][m])
         ages += [a for a, keep in zip(arrays["age"], m) if keep]
         sexes += [s for s, keep in zip(arrays["sex"], m) if keep]
         tscores += [t for t, keep in zip(arrays["t_score"], m) if keep]
         _logger.info("fold %d/%d done", f + 1, k)
-    deployed = oof.pop("_deployed")
     y = np.concatenate(labels)
     results = {"n": int(len(y)), "folds": k, "config": to_flat_dict(cfg), "deployed_per_fold": deployed,
                "class_counts": dict(zip(CLASSES, np.bincount(y, minlength=3).tolist())),

@@ -82,9 +82,14 @@ def fit_bundle(arrays: dict, dev_mask: np.ndarray, cfg: TrainConfig, store: Stor
     return manifest, states, notes
 
 
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
+
+
 def _history(notes: dict) -> dict:
-    return {name: [{k: v for k, v in h.items() if isinstance(v, (int, float, str))} for h in note.get("history", [])]
-            or [{k: v for k, v in note.items() if isinstance(v, (int, float, str))}] for name, note in notes.items()}
+    """Per member: the fine-tuning run's epoch metrics, or a frozen head's fit notes (L2, features)."""
+    return {name: [_scalars(h) for h in note["history"]] if "history" in note else [_scalars(note)]
+            for name, note in notes.items()}
 
 
 def run_train(cfg: TrainConfig, store: Store | None = None) -> dict:
