@@ -62,6 +62,10 @@ def test_every_listed_object_yields_one_row_with_its_code(s3_screen):
         assert row["status"] == ("skipped" if expected == "not_knee" else "error")
     ok = df[df["status"] == "ok"]
     assert len(ok) == manifest["counts"]["ok"] == 24
+    # Every object is smaller than the first ranged read: read once, whole; the manifest's total
+    # is the column's sum.
+    assert (df["bytes_read"] == df["size"]).all()
+    assert manifest["bytes_read"] == int(df["bytes_read"].sum()) > 0
     assert np.allclose(ok[["p_normal", "p_osteopenia", "p_osteoporosis"]].sum(1), 1)
     assert (ok["low_bmd_flag"] == (ok["risk_score"] >= 0.6)).all()
     assert ok["reference_label"].notna().all() and set(ok["predictor"]) <= {"fused", "image"}

@@ -20,7 +20,7 @@ from kneescreen.data.datasets import to_float
 from kneescreen.data.preprocess import letterbox
 from kneescreen.errors import DecodeError, KneescreenError
 from kneescreen.io.privacy import pseudonymise
-from kneescreen.io.reader import RadiographMeta, ReaderConfig, read_radiograph
+from kneescreen.io.reader import RadiographMeta, ReaderConfig, read_dicom_header, read_radiograph
 from kneescreen.io.store import Store, join
 from kneescreen.labels import age_band, normalise_label, t_score_to_class
 
@@ -45,7 +45,8 @@ def is_transient(error_code: str | None) -> bool:
 
 META_COLUMNS = (
     "status", "error_code", "message", "format", "patient_pseudo_id", "study_pseudo_id", "laterality", "view",
-    "site", "manufacturer", "sex", "age", "age_band", "reference_label", "reference_t_score", "decode_ms")
+    "site", "manufacturer", "sex", "age", "age_band", "reference_label", "reference_t_score", "decode_ms",
+    "bytes_read")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class DecodeSpec:
         reference / metadata: side tables keyed by key or SOP Instance UID (`load_side_table`).
         body_part_policy: ``skip`` non-knee DICOM (BodyPartExamined) or ``keep`` it.
         max_pixels: decompression-bomb guard handed to the reader.
+        header_triage: read a DICOM object's header first and the rest only when policy keeps
+            the object (``bytes_read`` shows what it saved); False reads every object whole.
     """
 
     store: Store
@@ -70,6 +73,7 @@ class DecodeSpec:
     metadata: dict = field(default_factory=dict)
     body_part_policy: str = "skip"
     max_pixels: int = 64_000_000
+    header_triage: bool = True
 
 
 def load_side_table(store: Store, uri: str | None) -> dict[str, dict]:
@@ -91,26 +95,90 @@ def load_side_table(store: Store, uri: str | None) -> dict[str, dict]:
     return out
 
 
+# Header triage: the first read of an object asks for this many bytes. A CR/DX header is a few
+# KB, so one request nearly always holds it; smaller objects arrive whole in that one request.
+HEAD_BYTES = 64 * 1024
+# A header still incomplete here (huge private tags) is not worth more round trips: read it all.
+MAX_HEADER_BYTES = 1024 * 1024
+
+
+class _Ranged:
+    """One object read front to back in ranges, counting the bytes that arrive. Every read after
+    the first names the first one's version, so the pieces come from one version of the object."""
+
+    def __init__(self, store: Store, uri: str):
+        self.store, self.uri = store, uri
+        self.data, self.size, self.etag, self.bytes_read = b"", None, None, 0
+
+    @property
+    def complete(self) -> bool:
+        return self.size is not None and len(self.data) >= self.size
+
+    def extend(self, n: int) -> None:
+        """Read the next ``n`` bytes (fewer where the object ends)."""
+        part = self.store.read_range(self.uri, len(self.data), n, if_match=self.etag)
+        self.data += part.data
+        self.bytes_read += len(part.data)
+        self.size, self.etag = part.size, part.etag
+
+
+def _skip_reason(spec: DecodeSpec, meta: RadiographMeta) -> tuple[str, str] | None:
+    """(error code, message) when policy skips an object with this header, else None."""
+    body = (meta.body_part or "").upper()
+    if meta.modality and meta.modality.upper() not in RADIOGRAPH_MODALITIES:
+        return "not_radiograph", f"modality {meta.modality} is not a radiograph"
+    if spec.body_part_policy == "skip" and body and body not in KNEE_BODY_PARTS:
+        return "not_knee", f"BodyPartExamined is {meta.body_part}"
+    return None
+
+
+def _fetch(spec: DecodeSpec, obj: _Ranged, cfg: ReaderConfig) -> RadiographMeta | None:
+    """Read ``obj``: the header of a DICOM object first, the rest only if policy keeps it.
+
+    Returns:
+        The header's facts when they alone skip the object (``obj.data`` then holds only the
+        header); otherwise None with the whole object in ``obj.data``.
+    """
+    obj.extend(HEAD_BYTES)
+    while not obj.complete:
+        header = read_dicom_header(obj.data, cfg, obj.size)
+        if header.meta is not None:
+            if _skip_reason(spec, header.meta) is not None:
+                return header.meta
+            break
+        if not header.needs_more or len(obj.data) >= MAX_HEADER_BYTES:
+            break
+        obj.extend(len(obj.data))  # double: a long header costs a few requests, not one per 64 KB
+    if not obj.complete:
+        obj.extend(obj.size - len(obj.data))  # the rest, not the whole object again
+    return None
+
+
 def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig):
-    """(status, error_code, message, meta, image) for one object; never raises."""
+    """(status, error_code, message, meta, image, bytes_read) for one object; never raises."""
+    obj = _Ranged(spec.store, uri)
     try:
-        data = spec.store.read_bytes(uri)
+        if spec.header_triage:
+            meta = _fetch(spec, obj, cfg)
+            if meta is not None:
+                return ("skipped", *_skip_reason(spec, meta), meta, None, obj.bytes_read)
+            data = obj.data
+        else:
+            data = spec.store.read_bytes(uri)
+            obj.bytes_read = len(data)
     except Exception as exc:  # noqa: BLE001 - storage failures are rows, not a dead batch
-        return "error", "read_failed", f"storage: {type(exc).__name__}: {exc}"[:300], None, None
+        return "error", "read_failed", f"storage: {type(exc).__name__}: {exc}"[:300], None, None, obj.bytes_read
     try:
         rg = read_radiograph(data, cfg)
     except DecodeError as exc:
-        return "error", exc.error_code, exc.message, None, None
+        return "error", exc.error_code, exc.message, None, None, obj.bytes_read
     except Exception as exc:  # noqa: BLE001 - the reader raises only DecodeError for bad bytes, so
         # anything else (MemoryError, a crashed decoder library) is about this attempt: transient.
-        return "error", "read_failed", f"decoder crashed: {type(exc).__name__}: {exc}"[:300], None, None
-    meta = rg.meta
-    body = (meta.body_part or "").upper()
-    if meta.modality and meta.modality.upper() not in RADIOGRAPH_MODALITIES:
-        return "skipped", "not_radiograph", f"modality {meta.modality} is not a radiograph", meta, rg.image
-    if spec.body_part_policy == "skip" and body and body not in KNEE_BODY_PARTS:
-        return "skipped", "not_knee", f"BodyPartExamined is {meta.body_part}", meta, rg.image
-    return "ok", None, None, meta, rg.image
+        return "error", "read_failed", f"decoder crashed: {type(exc).__name__}: {exc}"[:300], None, None, obj.bytes_read
+    skip = _skip_reason(spec, rg.meta)
+    if skip is not None:
+        return "skipped", *skip, rg.meta, rg.image, obj.bytes_read
+    return "ok", None, None, rg.meta, rg.image, obj.bytes_read
 
 
 def _reference(ref: dict | None) -> tuple[str | None, float | None]:
@@ -159,8 +227,9 @@ def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
     images: dict[int, list] = {s: [] for s in spec.sizes}
     for key, uri in zip(keys, uris):
         t0 = time.perf_counter()
-        status, code, msg, meta, image = _read_one(spec, uri, cfg)
-        row = {"status": status, "error_code": code, "message": msg, **_describe(spec, key, meta)}
+        status, code, msg, meta, image, nbytes = _read_one(spec, uri, cfg)
+        row = {"status": status, "error_code": code, "message": msg, "bytes_read": nbytes,
+               **_describe(spec, key, meta)}
         for s in spec.sizes:
             images[s].append(letterbox(image, s) if status == "ok" else np.zeros((s, s), np.uint8))
         row["decode_ms"] = (time.perf_counter() - t0) * 1000

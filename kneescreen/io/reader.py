@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -110,6 +111,14 @@ class Radiograph:
     pixel_hash: str | None  # None when ReaderConfig.hash_pixels is off
     meta: RadiographMeta
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """What the first bytes of an object tell (`read_dicom_header`)."""
+
+    meta: RadiographMeta | None = None  # set when the header alone is complete and checked
+    needs_more: bool = False  # a DICOM header that continues past the bytes given
 
 
 def read_radiograph(data: bytes, config: ReaderConfig = ReaderConfig()) -> Radiograph:
@@ -308,25 +317,31 @@ def _looks_like_dicom(ds) -> bool:
     return len(keys & core) >= 2
 
 
+def _parse(data: bytes, stop_when=None):
+    """pydicom's parse of ``data`` with every element touched, so lazy parse errors surface here
+    (not later); (data set, header warnings, offset where parsing stopped). Exceptions propagate."""
+    fp = io.BytesIO(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = read_partial(fp, stop_when, force=True)
+        for _ in ds.iterall():
+            pass
+    return ds, [str(w.message) for w in caught], fp.tell()
+
+
 def _parse_header(data: bytes):
     """(data set, header warnings) or DecodeError: not_dicom / truncated / malformed."""
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            # Touch every element now so lazy parse errors surface here, not later.
-            for _ in ds.iterall():
-                pass
-        except (InvalidDicomError, EOFError) as exc:
-            if not has_preamble:
-                raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file") from None
-            raise DecodeError("truncated", f"DICOM header ends early: {exc}") from None
-        except Exception as exc:  # noqa: BLE001
-            if not has_preamble:
-                raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file") from None
-            raise DecodeError("malformed", f"DICOM header could not be parsed: {exc}"[:500]) from None
-    header_notes = [str(w.message) for w in caught]
+    try:
+        ds, header_notes, _ = _parse(data)
+    except (InvalidDicomError, EOFError) as exc:
+        if not has_preamble:
+            raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file") from None
+        raise DecodeError("truncated", f"DICOM header ends early: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        if not has_preamble:
+            raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file") from None
+        raise DecodeError("malformed", f"DICOM header could not be parsed: {exc}"[:500]) from None
     if not has_preamble and not _looks_like_dicom(ds):
         raise DecodeError("not_dicom", "not a DICOM, PNG or JPEG file")
     ended_early = [n for n in header_notes if "end of file" in n.lower() or "truncat" in n.lower()]
@@ -337,6 +352,65 @@ def _parse_header(data: bytes):
             + (f": {ended_early[0][:200]}" if ended_early else ""),
         )
     return ds, header_notes
+
+
+_PIXEL_DATA = 0x7FE00010
+
+
+def read_dicom_header(head: bytes, config: ReaderConfig = ReaderConfig(), size: int | None = None) -> DicomHeader:
+    """Header facts from the first bytes of an object, without its pixel data (header triage).
+
+    Decides only where the whole object would be read the same way: ``meta`` is set when
+    ``head`` holds a DICOM data set complete up to its (7FE0,0010) Pixel Data element and the
+    header passes every check `read_radiograph` makes before decoding pixels. Anything else
+    (not DICOM, a header it cannot parse, float pixel data, a failed check) leaves the verdict
+    to `read_radiograph` on the whole object, so every error code stays what it is.
+
+    Args:
+        head: the object's first bytes (any length).
+        config: limits and policies, as for `read_radiograph`.
+        size: the whole object's size, when known: an object too short for the pixel data its
+            header announces is left to the whole read (which reports ``truncated``).
+
+    Returns:
+        ``DicomHeader(meta=...)``, ``DicomHeader(needs_more=True)`` when ``head`` ends inside a
+        DICOM header (read more bytes and ask again), or ``DicomHeader()``: read the whole object.
+    """
+    head = bytes(head)
+    if head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC) or len(head) < 8:
+        return DicomHeader()
+    stopped_at: list[tuple[int, str | None, int]] = []
+
+    def at_pixels(tag, vr, length) -> bool:  # pydicom's stop_before_pixels test, remembering where
+        if tag >> 16 == 0x7FE0 and (tag & 0xFFFF) in (0x0008, 0x0009, 0x0010):
+            stopped_at.append((int(tag), vr, length))
+            return True
+        return False
+
+    has_preamble = head[128:132] == b"DICM"
+    try:
+        ds, _, offset = _parse(head, at_pixels)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException:  # noqa: BLE001 - e.g. EOFError where the bytes end inside a sequence;
+        # more bytes may parse, and if they never do the whole object's read reports the error.
+        return DicomHeader(needs_more=has_preamble)
+    if not (has_preamble or _looks_like_dicom(ds)):
+        return DicomHeader()
+    if not stopped_at:  # the bytes ran out first (or the object has no pixel data)
+        return DicomHeader(needs_more=True)
+    tag, vr, length = stopped_at[-1]
+    if tag != _PIXEL_DATA or len(ds) == 0:
+        return DicomHeader()
+    # Native pixel data has a defined length: (tag, length) is 8 bytes implicit VR, 12 explicit.
+    if size is not None and length != 0xFFFFFFFF and offset + (8 if vr is None else 12) + length > size:
+        return DicomHeader()
+    try:
+        meta = _dicom_meta(ds)
+        _check_image_attributes(ds, meta, config)
+    except Exception:  # noqa: BLE001 - DecodeError and odd values alike: decided on the whole object
+        return DicomHeader()
+    return DicomHeader(meta=meta)
 
 
 def _check_image_header(ds, meta: RadiographMeta, config: ReaderConfig) -> list[str]:
@@ -353,6 +427,11 @@ def _check_image_header(ds, meta: RadiographMeta, config: ReaderConfig) -> list[
             "no_pixel_data",
             f"DICOM object has {what}" + (f"; SOP class {pydicom.uid.UID(sop).name}" if sop else ""),
         )
+    return _check_image_attributes(ds, meta, config)
+
+
+def _check_image_attributes(ds, meta: RadiographMeta, config: ReaderConfig) -> list[str]:
+    """The checks of `_check_image_header` that need the header only, not the Pixel Data element."""
     photometric = meta.photometric
     if photometric is None:
         raise DecodeError("pixel_header_mismatch", "Photometric Interpretation (0028,0004) is missing")

@@ -45,6 +45,21 @@ class ObjectInfo:
     etag: str
 
 
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes ``[start, start + len(data))`` of one object, with the whole object's size and the
+    version tag (S3 ETag, local size+mtime tag) they came from."""
+
+    data: bytes
+    start: int
+    size: int
+    etag: str
+
+
+class ObjectChanged(OSError):
+    """The object changed between two ranged reads of it (``if_match`` no longer holds)."""
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -182,6 +197,54 @@ class Store:
             except self.client.exceptions.NoSuchKey as exc:
                 raise FileNotFoundError(uri) from exc
         return pathlib.Path(uri).read_bytes()
+
+    def read_range(self, uri: str, start: int, length: int, if_match: str | None = None) -> ByteRange:
+        """Up to ``length`` bytes from offset ``start`` (fewer where the object ends first).
+
+        One S3 ``GetObject`` with a ``Range`` header (same client, hence the same retries) or
+        one seek and read of a local file. Reading an object in pieces: pass the first piece's
+        ``etag`` as ``if_match`` so the pieces cannot come from two versions of it.
+
+        Raises:
+            FileNotFoundError: no such object or file.
+            ObjectChanged: ``if_match`` is given and the object is no longer that version.
+        """
+        uri, start, length = str(uri), int(start), int(length)
+        if start < 0 or length < 1:
+            raise ValueError(f"read_range needs start >= 0 and length >= 1, not {start}, {length}")
+        if is_s3(uri):
+            return self._read_s3_range(uri, start, length, if_match)
+        with open(uri, "rb") as f:
+            st = os.fstat(f.fileno())
+            if if_match is not None and _local_tag(st) != if_match:
+                raise ObjectChanged(f"{uri} changed while it was being read")
+            f.seek(start)
+            data = f.read(length)
+        return ByteRange(data, start, st.st_size, _local_tag(st))
+
+    def _read_s3_range(self, uri: str, start: int, length: int, if_match: str | None) -> ByteRange:
+        bucket, key = split_s3(uri)
+        kwargs = {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
+        client = self.client
+        try:
+            resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}", **kwargs)
+        except client.exceptions.NoSuchKey as exc:
+            raise FileNotFoundError(uri) from exc
+        except client.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412"):
+                raise ObjectChanged(f"{uri} changed while it was being read") from exc
+            if code == "InvalidRange" and start == 0:
+                # S3 refuses any range of an empty object: it has no bytes to give.
+                return ByteRange(b"", 0, 0, if_match or "")
+            raise
+        data = resp["Body"].read()
+        # "bytes 0-65535/2097152": the whole object's size; a server that ignores Range sends
+        # the whole object with no Content-Range.
+        total = resp.get("ContentRange", "").rpartition("/")[2]
+        if not total.isdigit():
+            return ByteRange(data[start:start + length], start, len(data), resp["ETag"].strip('"'))
+        return ByteRange(data, start, int(total), resp["ETag"].strip('"'))
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write an object; local files are replaced atomically (readers never see half a file)."""

@@ -42,6 +42,10 @@ class ScreenConfig:
     use_gpu: bool = opt(False, "one GPU per inference actor")
     body_part_policy: str = opt("skip", "skip: non-knee DICOM (BodyPartExamined) becomes a skipped row",
                                 choices=("skip", "keep"))
+    # Most bytes of a mixed PACS export can be CTs and chest films: reading each DICOM header
+    # first (64 KB) and the rest only for knee radiographs saves most of that transfer
+    # (benchmarks.md); off reads every object whole in one request, as before.
+    header_triage: bool = opt(True, "read DICOM headers first; skip non-knee objects without fetching their pixels")
     max_pixels: int = opt(64_000_000, "refuse images above this many pixels (decompression-bomb guard)")
     endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
 

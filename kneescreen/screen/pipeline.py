@@ -63,7 +63,8 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
     spec = DecodeSpec(store=store, sizes=tuple(bundle.sizes), root=cfg.input, pseudo_key=pseudo_key,
                       reference=ray.put(load_side_table(store, cfg.reference)),
                       metadata=ray.put(load_side_table(store, cfg.metadata)),
-                      body_part_policy=cfg.body_part_policy, max_pixels=cfg.max_pixels)
+                      body_part_policy=cfg.body_part_policy, max_pixels=cfg.max_pixels,
+                      header_triage=cfg.header_triage)
     return (
         # One row per scratch chunk, read by a plain task and split into decode-sized blocks.
         # (read_parquet would spend seconds of start-up on file discovery and footers for a
@@ -142,6 +143,8 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "throughput_images_per_s": round(written / screen_s, 2) if written and screen_s > 0 else None,
         "error_codes": {k: int(v) for k, v in sorted(counts.error_codes.items(), key=lambda kv: (-kv[1], kv[0]))},
+        # Storage bytes this run fetched (the predictions' bytes_read column summed).
+        "bytes_read": int(counts.bytes_read),
         "config": to_flat_dict(cfg),
         "predictions": pred_uri if written else None,
     }

@@ -51,6 +51,9 @@ PREDICTIONS = pa.schema([
     pa.field("reference_label", pa.string()),
     pa.field("reference_t_score", pa.float64()),
     pa.field("decode_ms", pa.float64()),
+    # Bytes fetched from storage for this object: its size, or less where header triage skipped
+    # a non-knee DICOM after its header (docs/operations.md).
+    pa.field("bytes_read", pa.int64()),
     pa.field("infer_ms", pa.float64()),  # per image: batch inference time / batch size
     pa.field("inferred_at", pa.timestamp("us", tz="UTC")),  # when this image's inference batch started
     pa.field("screened_at", pa.timestamp("us", tz="UTC")),

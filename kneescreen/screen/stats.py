@@ -29,9 +29,9 @@ from kneescreen.screen.schema import STATS, STATUSES
 
 SUBGROUPS = ("site", "manufacturer", "sex", "age_band", "view")
 # The columns the statistics and the run manifest need: all a streaming pass reads.
-STATS_COLUMNS = ("status", "error_code", "predicted_class", "reference_label", "low_bmd_flag", *SUBGROUPS)
+STATS_COLUMNS = ("status", "error_code", "predicted_class", "reference_label", "low_bmd_flag", "bytes_read", *SUBGROUPS)
 _CELL = ("status", "predicted_class", "reference_label", "low_bmd_flag")
-_TYPES = {"low_bmd_flag": pa.bool_()}
+_TYPES = {"low_bmd_flag": pa.bool_(), "bytes_read": pa.int64()}
 
 
 def _prepared(batch) -> pa.Table:
@@ -62,6 +62,7 @@ class PredictionCounts:
         self.cells: dict[tuple[str, str], Counter] = defaultdict(Counter)
         self.error_codes: Counter = Counter()
         self.rows = 0
+        self.bytes_read = 0  # storage bytes fetched, summed over the rows (null counts 0)
 
     @classmethod
     def of(cls, predictions) -> PredictionCounts:
@@ -83,6 +84,7 @@ class PredictionCounts:
             return
         t = _prepared(batch)
         self.rows += t.num_rows
+        self.bytes_read += pc.sum(t.column("bytes_read")).as_py() or 0
         codes = pc.value_counts(t.column("error_code").drop_null())
         self.error_codes.update({v["values"]: v["counts"] for v in codes.to_pylist()})
         for gtype in ("all", *SUBGROUPS):
