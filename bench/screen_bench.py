@@ -164,7 +164,7 @@ def plain_loop(bundle_path: str, archive: str, batch: int, threads: int, limit: 
         arrays = []
         for uri in keys[i : i + batch]:
             try:
-                arrays.append(b.prepare(read_radiograph(Store.resolve().read_bytes(uri), cfg).image)[b.sizes[0]])
+                arrays.append(b.prepare(read_radiograph(Store.resolve().read_bytes(uri), cfg).image)[f"img_{b.sizes[0]}"])
             except DecodeError:
                 pass
         if arrays:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kneescreen.data.datasets import to_float
-from kneescreen.data.preprocess import letterbox
+from kneescreen.data.knee import view_inputs
+from kneescreen.data.preprocess import blank_input, letterbox
 from kneescreen.errors import DecodeError, KneescreenError
 from kneescreen.io.privacy import pseudonymise
 from kneescreen.io.reader import RadiographMeta, ReaderConfig, read_dicom_header, read_radiograph
@@ -56,6 +57,9 @@ class DecodeSpec:
     Attributes:
         store: where the objects live.
         sizes: letterbox sizes to produce (one ``img_<size>`` column each).
+        views: native-resolution inputs around the located joint (``roi_<s>``, ``tiles_<s>``;
+            `kneescreen.data.preprocess.VIEWS`), one column each. With any, a film whose knee
+            joint cannot be found becomes an error row (``joint_not_found``).
         root: objects are ``join(root, key)``; None = the batch has a ``uri`` column instead.
         pseudo_key: HMAC key for patient/study pseudonyms (raw ids never leave the task).
         reference / metadata: side tables keyed by key or SOP Instance UID (`load_side_table`).
@@ -67,6 +71,7 @@ class DecodeSpec:
 
     store: Store
     sizes: tuple[int, ...]
+    views: tuple[str, ...] = ()
     root: str | None = None
     pseudo_key: bytes = b""
     reference: dict = field(default_factory=dict)
@@ -217,27 +222,35 @@ def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
     metadata; every input column passes through and every input row comes out.
 
     Returns:
-        Columns: the input's, `META_COLUMNS`, and ``img_<size>`` (n, size, size) uint8 arrays
-        (zeros for rows that are not ``ok``).
+        Columns: the input's, `META_COLUMNS`, ``img_<size>`` (n, size, size) uint8 arrays and one
+        column per `DecodeSpec.views` entry (zeros for rows that are not ``ok``).
     """
     cfg = ReaderConfig(max_pixels=spec.max_pixels, hash_pixels=False)
     keys = list(batch["key"])
     uris = [join(spec.root, k) for k in keys] if spec.root is not None else list(batch["uri"])
     cols: dict[str, list] = {k: [] for k in META_COLUMNS}
-    images: dict[int, list] = {s: [] for s in spec.sizes}
+    images: dict[str, list] = {f"img_{s}": [] for s in spec.sizes} | {v: [] for v in spec.views}
     for key, uri in zip(keys, uris):
         t0 = time.perf_counter()
         status, code, msg, meta, image, nbytes = _read_one(spec, uri, cfg)
+        views = {}
+        if status == "ok" and spec.views:
+            try:
+                views = view_inputs(image, meta.pixel_spacing, spec.views)
+            except DecodeError as exc:
+                status, code, msg = "error", exc.error_code, exc.message
         row = {"status": status, "error_code": code, "message": msg, "bytes_read": nbytes,
                **_describe(spec, key, meta)}
         for s in spec.sizes:
-            images[s].append(letterbox(image, s) if status == "ok" else np.zeros((s, s), np.uint8))
+            images[f"img_{s}"].append(letterbox(image, s) if status == "ok" else blank_input(f"img_{s}")[0])
+        for v in spec.views:
+            images[v].append(views[v] if status == "ok" else blank_input(v)[0])
         row["decode_ms"] = (time.perf_counter() - t0) * 1000
         for k in META_COLUMNS:
             cols[k].append(row[k])
     out = dict(batch)
     out.update(cols)
-    out.update({f"img_{s}": np.stack(v) if v else np.zeros((0, s, s), np.uint8) for s, v in images.items()})
+    out.update({k: np.stack(v) if v else blank_input(k, 0) for k, v in images.items()})
     return out
 
 

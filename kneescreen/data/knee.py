@@ -492,6 +492,38 @@ def tiles(image: np.ndarray, loc: JointLocation, n: int = 8, tile_px: int = 256)
     return np.stack([_to_uint8(_crop(image, t, lft, tile_px, tile_px)) for t, lft in tile_boxes(loc, n, tile_px)])
 
 
+
+def view_inputs(image: np.ndarray, pixel_spacing: tuple[float, float] | None, keys) -> dict[str, np.ndarray]:
+    """The native-resolution member inputs of one radiograph (`kneescreen.data.preprocess.VIEWS`).
+
+    Args:
+        image: HxW float image in [0, 1], bone bright.
+        pixel_spacing: (row, col) mm per pixel from the header, or None.
+        keys: input keys such as ``roi_128`` or ``tiles_224`` (``img_*`` keys are ignored here).
+
+    Returns:
+        key -> uint8 array: ``roi_<s>`` (2, s, s) tibia then femur, ``ROI_MM`` squares resampled to
+        s; ``tiles_<s>`` (8, s, s) native tiles.
+
+    Raises:
+        DecodeError: ``joint_not_found`` when a view needs the joint and none is found.
+    """
+    from kneescreen.data.preprocess import ROI_MM, VIEW_INSTANCES, parse_input_key
+
+    wanted = [(k, *parse_input_key(k)) for k in keys]
+    wanted = [w for w in wanted if w[1] != "img"]
+    if not wanted:
+        return {}
+    loc = locate_joint(image, pixel_spacing)
+    out = {}
+    for key, view, size in wanted:
+        if view == "roi":
+            rois = regions_of_interest(image, loc, ROI_MM, out_px=size)
+            out[key] = np.stack([rois["tibia"], rois["femur"]])
+        else:
+            out[key] = tiles(image, loc, VIEW_INSTANCES[view], size)
+    return out
+
 # ---------------------------------------------------------------------------------------------
 # radiogrammetry
 

@@ -60,3 +60,59 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     gain = (1 + (torch.rand(b, 1, 1, 1, generator=generator) * 2 - 1) * 0.1).to(dev)
     x = (x.clamp(0, 1) ** gamma * gain).clamp(0, 1)
     return (x.squeeze(1) * 255 + 0.5).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# model inputs ("views"): what a member sees, named by the column that carries it
+#
+#   img_<s>    the whole radiograph letterboxed to s x s: (n, s, s)
+#   roi_<s>    the proximal tibial and distal femoral metaphysis ROIs (`kneescreen.data.knee`),
+#              20 mm squares at native resolution resampled to s x s (the same mm per pixel on
+#              every film with a pixel spacing): (n, 2, s, s)
+#   tiles_<s>  8 native-resolution s x s tiles around the joint, never resampled: (n, 8, s, s)
+#
+# Multi-instance views are scored by running the member on every instance and averaging the
+# logits (mean pooling); for a linear head that is the head applied to the mean feature.
+VIEWS = ("img", "roi", "tiles")
+VIEW_INSTANCES = {"img": 0, "roi": 2, "tiles": 8}
+ROI_MM = 20.0
+
+
+def input_key(view: str, size: int) -> str:
+    """The column / batch key of a member input, e.g. ``img_160`` or ``roi_128``."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, not {view!r}")
+    return f"{view}_{int(size)}"
+
+
+def parse_input_key(key: str) -> tuple[str, int]:
+    """``roi_128`` -> (``roi``, 128)."""
+    view, _, size = key.partition("_")
+    if view not in VIEWS or not size.isdigit():
+        raise ValueError(f"not an input key: {key!r} (expected <view>_<size>, view in {', '.join(VIEWS)})")
+    return view, int(size)
+
+
+def blank_input(key: str, n: int = 1) -> np.ndarray:
+    """Zeros of the shape ``n`` rows of input ``key`` have (rows that could not be used)."""
+    view, s = parse_input_key(key)
+    k = VIEW_INSTANCES[view]
+    return np.zeros((n, k, s, s) if k else (n, s, s), np.uint8)
+
+
+def instance_logits(model, arr: torch.Tensor, input_mode: str, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """Logits of a (B, s, s) or multi-instance (B, K, s, s) uint8 batch; instances mean-pooled
+    (multiple-instance learning with mean pooling: every instance gets the bag's gradient)."""
+    b = arr.shape[0]
+    x = to_input(arr.reshape(-1, *arr.shape[-2:]), input_mode, mean, std)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = model(x)
+    return out if arr.ndim == 3 else out.reshape(b, arr.shape[1], -1).mean(1)
+
+
+def augment_instances(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`augment` for (B, H, W) or multi-instance (B, K, H, W) batches (each instance on its own)."""
+    if batch.ndim == 3:
+        return augment(batch, generator)
+    return augment(batch.reshape(-1, *batch.shape[-2:]), generator).reshape(batch.shape)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kneescreen.data.preprocess import letterbox, to_input
+from kneescreen.data.knee import view_inputs
+from kneescreen.data.preprocess import instance_logits, letterbox
 from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES
@@ -108,27 +109,49 @@ class Bundle:
 
     @property
     def sizes(self) -> list[int]:
+        """Letterbox sizes of the whole-image members (``img_<size>`` inputs)."""
         return self.manifest.sizes
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """Native-resolution inputs the members need (``roi_<s>``, ``tiles_<s>``)."""
+        return self.manifest.views
 
     def states(self) -> list[dict]:
         """CPU state dicts of the members (to ship to Ray actors through the object store)."""
         return [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.models]
 
-    def prepare(self, image: np.ndarray) -> dict[int, np.ndarray]:
-        """One decoded radiograph -> uint8 letterboxed arrays at each member's size."""
-        return {s: letterbox(image, s) for s in self.sizes}
+    def prepare(self, image: np.ndarray, pixel_spacing=None) -> dict:
+        """One decoded radiograph -> every member input (``img_<s>`` letterboxes and the native views).
+
+        Raises:
+            DecodeError: ``joint_not_found`` when a native view needs the joint and none is found.
+        """
+        out = {f"img_{s}": letterbox(image, s) for s in self.sizes}
+        out.update(view_inputs(image, pixel_spacing, self.views))
+        return out
+
+    @staticmethod
+    def _input(batches: dict, spec) -> np.ndarray:
+        # An int key is shorthand for a whole-image size (``{160: imgs}`` == ``{"img_160": imgs}``).
+        if spec.input_key in batches:
+            return batches[spec.input_key]
+        if spec.view == "img" and spec.image_size in batches:
+            return batches[spec.image_size]
+        raise KneescreenError(f"member {spec.name} needs input {spec.input_key!r}; got {sorted(map(str, batches))}")
 
     @torch.inference_mode()
-    def member_logits(self, batches: dict[int, np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
+    def member_logits(self, batches: dict, batch_size: int = 32) -> list[np.ndarray]:
+        """Each member's logits; ``batches`` maps input keys (`BundleManifest.input_keys`) to uint8
+        arrays, (n, s, s) or multi-instance (n, k, s, s) (instances mean-pooled)."""
         out = []
         for spec, model in zip(self.manifest.members, self.models):
-            arr = batches[spec.image_size]
+            arr = self._input(batches, spec)
             logits = []
             for i in range(0, len(arr), batch_size):
-                x = to_input(torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size])).to(self.device),
-                             spec.input_mode, spec.mean, spec.std)
+                x = torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size])).to(self.device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
-                    logits.append(model(x).float().cpu().numpy())
+                    logits.append(instance_logits(model, x, spec.input_mode, spec.mean, spec.std).float().cpu().numpy())
             out.append(np.concatenate(logits) if logits else np.zeros((0, len(CLASSES))))
         return out
 
@@ -144,7 +167,8 @@ class Bundle:
         return self.covariate_model.predict_proba(x), imputed
 
     def predict(self, batches: dict[int, np.ndarray], ages=None, sexes=None) -> Prediction:
-        """Calibrated ensemble prediction for a batch (``batches``: size -> (n, s, s) uint8)."""
+        """Calibrated ensemble prediction for a batch (``batches``: input key -> uint8 arrays, see
+        `member_logits`)."""
         n = len(next(iter(batches.values())))
         logits = self.member_logits(batches)
         member_probs = [apply_temperature(lg, spec.temperature) for lg, spec in zip(logits, self.manifest.members)]

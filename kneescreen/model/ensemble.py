@@ -27,11 +27,11 @@ PREDICTOR_OF = {"covariates_only": "covariates", "image": "image", "fused": "fus
 
 
 def member_manifest(architecture: str, input_mode: str, image_size: int, weights_init: str | None,
-                    training: str = "finetune") -> MemberManifest:
+                    training: str = "finetune", view: str = "img") -> MemberManifest:
     """A member's manifest entry before calibration (temperature 1)."""
     mean, std = normalisation(architecture, input_mode)
     return MemberManifest(architecture, input_mode, image_size, tuple(mean), tuple(std), weights_init,
-                          training=training)
+                          training=training, view=view)
 
 
 @dataclass

@@ -24,7 +24,13 @@ L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # on standardised features, per-sample 
 @torch.inference_mode()
 def extract_features(model: nn.Module, images: np.ndarray, input_mode: str, mean, std,
                      batch_size: int = 32) -> np.ndarray:
-    """Penultimate-layer features (the head's input) for (n, s, s) uint8 images."""
+    """Penultimate-layer features (the head's input) for (n, s, s) uint8 images, or the mean over
+    instances for multi-instance (n, k, s, s) inputs (mean pooling: a linear head on the mean
+    feature gives the mean of the instances' logits, exactly what `Bundle` computes)."""
+    if images.ndim == 4:
+        n, k = images.shape[:2]
+        flat = extract_features(model, images.reshape(n * k, *images.shape[2:]), input_mode, mean, std, batch_size)
+        return flat.reshape(n, k, -1).mean(1)
     name, head = classifier_head(model)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().float().cpu()))

@@ -36,10 +36,18 @@ class MemberManifest:
     # "finetune": trained end to end; "frozen": ImageNet backbone + shrinkage linear head
     # (kneescreen.model.frozen). Both load and run the same way.
     training: str = "finetune"
+    # What the member sees (`kneescreen.data.preprocess.VIEWS`): "img" the letterboxed film,
+    # "roi" / "tiles" native-resolution regions around the located knee joint.
+    view: str = "img"
 
     @property
     def name(self) -> str:
-        return f"{self.architecture}-{self.input_mode}"
+        return f"{self.architecture}-{self.input_mode}" + ("" if self.view == "img" else f"-{self.view}")
+
+    @property
+    def input_key(self) -> str:
+        """The batch column this member reads (``img_160``, ``roi_128``, ...)."""
+        return f"{self.view}_{self.image_size}"
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,18 @@ class BundleManifest:
 
     @property
     def sizes(self) -> list[int]:
-        return sorted({m.image_size for m in self.members})
+        """Letterbox sizes of the whole-image members."""
+        return sorted({m.image_size for m in self.members if m.view == "img"})
+
+    @property
+    def input_keys(self) -> list[str]:
+        """Every member input column (`MemberManifest.input_key`), whole-image and native views."""
+        return sorted({m.input_key for m in self.members})
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The native-resolution input keys (decode them with `DecodeSpec.views`)."""
+        return tuple(k for k in self.input_keys if not k.startswith("img_"))
 
     def low_bmd_threshold(self, predictor: str) -> float:
         """One predictor's low-BMD threshold (the deployed predictor's when it has none)."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from kneescreen.io.store import Store
 from kneescreen.model._efficientnet_lite import build_lite
+from kneescreen.model._texture import SpectralTexture
 from kneescreen.model._xception import Xception
 
 _logger = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ class TestCNN(nn.Module):
 
 
 register_model("test_cnn", 64, mean=(0.5,) * 3, std=(0.25,) * 3)(lambda _: TestCNN())
+# No pretrained weights exist or are needed ("imagenet" is accepted and changes nothing): a fixed
+# descriptor with a linear head, for native-resolution ROI and tile views (model._texture).
+register_model("spectral_texture", 128, mean=(0.5,) * 3, std=(0.25,) * 3, offline_weights=True)(
+    lambda _: SpectralTexture())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +183,9 @@ def create_model(name: str, num_classes: int = 3, input_mode: str = "gray", weig
     model = spec.builder(weights == "imagenet" and spec.offline_weights)
     if weights:
         _load_imagenet(spec, model, weights, store)
-    conv_name, conv = _named(model, nn.Conv2d)[0]
-    if input_mode == "gray":
+    convs = _named(model, nn.Conv2d)
+    if input_mode == "gray" and convs:  # (a model without convolutions takes any channel count)
+        conv_name, conv = convs[0]
         new = type(conv)(1, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                          dilation=conv.dilation, groups=1, bias=conv.bias is not None)
         with torch.no_grad():

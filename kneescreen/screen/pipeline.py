@@ -60,7 +60,7 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
                   run_id: str) -> ray.data.Dataset:
     """The lazy Ray Data plan from listing chunks to `schema.PREDICTIONS` blocks."""
     payload = ray.put({"manifest": bundle.manifest, "states": bundle.states()})
-    spec = DecodeSpec(store=store, sizes=tuple(bundle.sizes), root=cfg.input, pseudo_key=pseudo_key,
+    spec = DecodeSpec(store=store, sizes=tuple(bundle.sizes), views=bundle.views, root=cfg.input, pseudo_key=pseudo_key,
                       reference=ray.put(load_side_table(store, cfg.reference)),
                       metadata=ray.put(load_side_table(store, cfg.metadata)),
                       body_part_policy=cfg.body_part_policy, max_pixels=cfg.max_pixels,

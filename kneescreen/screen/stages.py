@@ -40,18 +40,22 @@ def _column(values, field: pa.Field) -> pa.Array:
     return pa.array(vals, type=field.type)
 
 
+def _is_input(name: str) -> bool:
+    return name.startswith(("img_", "roi_", "tiles_"))
+
+
 def typed_table(cols: dict) -> pa.Table:
     """Stage output -> an Arrow table whose column types never depend on the values.
 
     A block whose error codes happen to be all null must not reach an actor as a float column
     while the next one is a string column (Ray Data cannot concatenate those into one batch).
-    Scalar columns take their types from `schema.PREDICTIONS`; ``img_<size>`` columns are uint8
-    tensors.
+    Scalar columns take their types from `schema.PREDICTIONS`; model inputs (``img_<size>``,
+    ``roi_<size>``, ``tiles_<size>``) are uint8 tensors.
     """
     names, arrays = [], []
     for name, values in cols.items():
         names.append(name)
-        if name.startswith("img_"):
+        if _is_input(name):
             arrays.append(ArrowTensorArray.from_numpy(np.ascontiguousarray(values, dtype=np.uint8)))
         else:
             arrays.append(_column(values, PREDICTIONS.field(name)))
@@ -101,7 +105,7 @@ class EnsemblePredictor:
             idx = np.nonzero(ok)[0]
             ages = [None if np.isnan(a) else float(a) for a in batch["age"][idx]]
             with torch.inference_mode():
-                pred = self.bundle.predict({s: batch[f"img_{s}"][idx] for s in self.bundle.sizes},
+                pred = self.bundle.predict({k: batch[k][idx] for k in self.bundle.manifest.input_keys},
                                            ages, list(batch["sex"][idx]))
             for i, c in enumerate(("p_normal", "p_osteopenia", "p_osteoporosis")):
                 res[c][idx] = pred.probs[:, i]
@@ -117,7 +121,7 @@ class EnsemblePredictor:
                     res["covariates_probs"][i] = pred.covariate_probs[j].tolist()
             res["infer_ms"][idx] = (time.perf_counter() - t0) * 1000 / len(idx)
             res["inferred_at"][idx] = started
-        out = {k: v for k, v in batch.items() if not k.startswith("img_")}
+        out = {k: v for k, v in batch.items() if not _is_input(k)}
         out.update(res)
         return typed_table(out)
 

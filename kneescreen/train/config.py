@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kneescreen.config import opt
+from kneescreen.data.preprocess import VIEWS, input_key
 from kneescreen.errors import KneescreenError
 from kneescreen.io.store import join
 from kneescreen.model.fusion import FUSION_METHODS
@@ -21,13 +22,18 @@ class MemberSpec:
     weights: str | None = "imagenet"
     image_size: int | None = None  # default: the architecture's input size
     head: str = "finetune"  # finetune: Ray Train end to end; frozen: ImageNet features + shrinkage head
+    view: str = "img"  # img: the letterboxed film; roi / tiles: native-resolution regions (data.preprocess)
 
     def size(self) -> int:
         return self.image_size or get_spec(self.architecture).input_size
 
     @property
+    def input_key(self) -> str:
+        return input_key(self.view, self.size())
+
+    @property
     def name(self) -> str:
-        return f"{self.architecture}-{self.input_mode}"
+        return f"{self.architecture}-{self.input_mode}" + ("" if self.view == "img" else f"-{self.view}")
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,9 @@ class TrainConfig:
     # predictor on out-of-fold predictions over the whole collection stays cheap; fine-tuned
     # members (":finetune") cost one Ray Train run per fold (docs/results.md).
     members: tuple[str, ...] = opt(("efficientnet_lite0:gray:frozen",),
-                                   "architecture:input_mode[:finetune|frozen] per member "
-                                   "(gray|rgb; see kneescreen.model.registry)")
+                                   "architecture:input_mode[:finetune|frozen[:img|roi|tiles]] per member "
+                                   "(gray|rgb; see kneescreen.model.registry; roi/tiles: native-resolution "
+                                   "regions around the knee joint, e.g. spectral_texture:gray:frozen:roi)")
     weights: str = opt("imagenet", "imagenet | none | path or s3 URI of an ImageNet state dict")
     image_size: int = opt(0, "every member's input size; 0 = each architecture's native size (224-299); "
                              "160 makes fine-tuning on a CPU 1.6x faster (docs/benchmarks.md)")
@@ -77,15 +84,19 @@ class TrainConfig:
         """
         specs = []
         for item in self.members:
-            arch, mode, head = (item.strip().split(":") + ["", ""])[:3]
+            arch, mode, head, view = (item.strip().split(":") + ["", "", ""])[:4]
             if arch not in list_models():
                 raise KneescreenError(f"members: unknown architecture {arch!r}; valid: {', '.join(list_models())}")
             if (mode or "gray") not in ("gray", "rgb"):
                 raise KneescreenError(f"members: input mode must be gray or rgb, not {mode!r} (in {item!r})")
             if (head or "finetune") not in ("finetune", "frozen"):
                 raise KneescreenError(f"members: training must be finetune or frozen, not {head!r} (in {item!r})")
+            if (view or "img") not in VIEWS:
+                raise KneescreenError(f"members: view must be one of {', '.join(VIEWS)}, not {view!r} (in {item!r})")
             weights = None if self.weights in ("none", "") else self.weights
-            specs.append(MemberSpec(arch, mode or "gray", weights, self.image_size or None, head or "finetune"))
+            # --image-size sets whole-image members; native views keep the architecture's size.
+            size = self.image_size if (view or "img") == "img" and self.image_size else None
+            specs.append(MemberSpec(arch, mode or "gray", weights, size, head or "finetune", view or "img"))
         if not specs:
             raise KneescreenError("members: give at least one architecture:input_mode")
         return tuple(specs)

@@ -78,7 +78,7 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
     run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
     k = 1 + max(r["fold"] for r in rows)
-    arrays = load_arrays(rows, sorted({m.size() for m in cfg.member_specs()}), store)
+    arrays = load_arrays(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
     oof: dict = {}
     labels, ages, sexes, tscores, deployed = [], [], [], [], []
     for f in range(k):
@@ -90,7 +90,14 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
         tscores += [t for t, keep in zip(arrays["t_score"], m) if keep]
         _logger.info("fold %d/%d done", f + 1, k)
     y = np.concatenate(labels)
+    # A predictor some fold's bundle lacks (e.g. no fused model when that fold's age/sex model
+    # could not be fit) has no pooled estimate: say so instead of pooling misaligned rows.
+    partial = sorted(n for n, d in oof.items() if len(d["probs"]) != k)
+    for name in partial:
+        _logger.warning("cv: %s missing from some outer folds; left out of the pooled results", name)
+        del oof[name]
     results = {"n": int(len(y)), "folds": k, "config": to_flat_dict(cfg), "deployed_per_fold": deployed,
+               "left_out_predictors": partial,
                "class_counts": dict(zip(CLASSES, np.bincount(y, minlength=3).tolist())),
                "predictors": pooled_report(oof, y, ages),
                "image_value": image_value(oof, y, ages, sexes, tscores)}

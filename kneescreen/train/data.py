@@ -11,6 +11,7 @@ import numpy as np
 import ray
 
 from kneescreen.data.decode import DecodeSpec, decode_batch, ok_rows
+from kneescreen.data.preprocess import blank_input, parse_input_key
 from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
 
@@ -22,30 +23,38 @@ def _decode_for_training(batch: dict, spec: DecodeSpec) -> dict:
     # Only what training needs, with fixed kinds (no all-null columns in some blocks).
     kept = {k: out[k] for k in _KEEP}
     kept["error_code"] = np.asarray([c or "" for c in out["error_code"]], dtype=object)
-    kept.update({k: v for k, v in out.items() if k.startswith("img_")})
+    kept.update({k: v for k, v in out.items() if k.startswith(("img_", "roi_", "tiles_"))})
     return kept
 
 
-def load_arrays(rows: list[dict], sizes: list[int], store: Store) -> dict:
+def load_arrays(rows: list[dict], inputs, store: Store) -> dict:
     """Decode split rows with Ray Data tasks.
+
+    Args:
+        rows: split rows (`kneescreen.data.datasets.load_split`).
+        inputs: member input keys (``img_160``, ``roi_128``, ...; a bare int is ``img_<int>``).
+        store: where the images live.
 
     Returns:
         ``label``, ``key``, ``split``, ``fold`` arrays, ``age``/``sex``/``t_score`` lists (from the labels,
-        not the headers) and ``images``: size -> (n, s, s) uint8, sorted by key.
+        not the headers) and ``images``: input key -> uint8 array, sorted by key. Films whose
+        knee joint is not found are left out (logged) when a native view is asked for.
     """
+    keys = sorted({f"img_{k}" if isinstance(k, (int, np.integer)) else k for k in inputs})
+    sizes = tuple(parse_input_key(k)[1] for k in keys if k.startswith("img_"))
     items = [{"uri": r["uri"], "key": r["key"], "label": CLASSES.index(r["label"]),
               "row_age": np.nan if r.get("age") is None else float(r["age"]), "row_sex": r.get("sex") or "",
               "row_t": np.nan if r.get("t_score") is None else float(r["t_score"]),
               "split": r["split"], "fold": int(r["fold"])} for r in rows]
-    spec = DecodeSpec(store=store, sizes=tuple(sizes), root=None, body_part_policy="keep")
+    spec = DecodeSpec(store=store, sizes=sizes, views=tuple(k for k in keys if not k.startswith("img_")),
+                      root=None, body_part_policy="keep")
     ds = ray.data.from_items(items).map_batches(_decode_for_training, fn_kwargs={"spec": spec}, batch_size=8)
     got = sorted(ok_rows(ds.take_all(), "training data"), key=lambda g: g["key"])
     arrays = {k: np.asarray([g[k] for g in got]) for k in ("label", "split", "fold", "key")}
     arrays["age"] = [None if np.isnan(g["row_age"]) else float(g["row_age"]) for g in got]
     arrays["sex"] = [g["row_sex"] or None for g in got]
     arrays["t_score"] = [None if np.isnan(g["row_t"]) else float(g["row_t"]) for g in got]
-    arrays["images"] = {s: np.stack([g[f"img_{s}"] for g in got]) if got else np.zeros((0, s, s), np.uint8)
-                        for s in sizes}
+    arrays["images"] = {k: np.stack([g[k] for g in got]) if got else blank_input(k, 0) for k in keys}
     return arrays
 
 

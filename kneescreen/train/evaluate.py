@@ -178,7 +178,7 @@ def run_evaluate(cfg: EvaluateConfig, store: Store | None = None) -> dict:
     ensure_ray()
     bundle = load_bundle(cfg.bundle, store=store)
     rows = [r for r in load_split(cfg.split_dir, store) if r["split"] == cfg.split]
-    arrays = load_arrays(rows, bundle.sizes, store)
+    arrays = load_arrays(rows, bundle.manifest.input_keys, store)
     report = evaluate_arrays(bundle, subset(arrays, np.ones(len(arrays["label"]), bool)))
     print(format_table(report))
     out_dir = cfg.out or join(cfg.bundle, "evaluation")

@@ -17,7 +17,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from kneescreen.data.preprocess import augment, to_input
+from kneescreen.data.preprocess import augment_instances, instance_logits
 from kneescreen.labels import CLASSES
 from kneescreen.metrics import macro_f1
 from kneescreen.model.registry import create_model
@@ -54,16 +54,15 @@ def _train_epoch(model, opt, loss_fn, shard, config: dict, epoch: int, gen: torc
     """One pass over this worker's shard. Returns (images seen, summed loss, seconds)."""
     model.train()
     use_gpu = device.type == "cuda"
-    img_key = f"img_{config['size']}"
+    img_key = config["input_key"]
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
     for batch in shard.iter_torch_batches(batch_size=config["batch_size"], dtypes=None, device="cpu",
                                           local_shuffle_buffer_size=256, local_shuffle_seed=config["seed"] + epoch):
-        x = to_input(augment(batch[img_key], gen), config["input_mode"], config["mean"], config["std"]).to(device)
-        if use_gpu:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = augment_instances(batch[img_key], gen).to(device)
         y = batch["label"].long().to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_gpu):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(instance_logits(model, x, config["input_mode"], config["mean"], config["std"],
+                                           channels_last=use_gpu), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,12 +75,13 @@ def _train_epoch(model, opt, loss_fn, shard, config: dict, epoch: int, gen: torc
 def _validate(model, shard, config: dict, device) -> float:
     """Macro-F1 of this worker's model on the full validation set."""
     model.eval()
-    img_key = f"img_{config['size']}"
+    img_key = config["input_key"]
     ys, preds = [], []
     for batch in shard.iter_torch_batches(batch_size=64, dtypes=None, device="cpu"):
-        x = to_input(batch[img_key], config["input_mode"], config["mean"], config["std"]).to(device)
+        x = batch[img_key].to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            preds.append(model(x).float().argmax(1).cpu().numpy())
+            preds.append(instance_logits(model, x, config["input_mode"], config["mean"], config["std"])
+                         .float().argmax(1).cpu().numpy())
         ys.append(batch["label"].numpy())
     return macro_f1(np.concatenate(ys), np.concatenate(preds), len(CLASSES))
 

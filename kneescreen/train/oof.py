@@ -41,7 +41,7 @@ def _frozen(member: MemberSpec, dev: dict, folds: np.ndarray, store: Store) -> t
     """(out-of-fold logits, final state dict, notes) of a frozen-feature member."""
     mean, std = normalisation(member.architecture, member.input_mode)
     model = create_model(member.architecture, len(CLASSES), member.input_mode, member.weights, store=store)
-    feats = extract_features(model, dev["images"][member.size()], member.input_mode, mean, std)
+    feats = extract_features(model, dev["images"][member.input_key], member.input_mode, mean, std)
     y = dev["label"]
     logits = np.zeros((len(y), len(CLASSES)))
     for f in np.unique(folds):
@@ -54,9 +54,10 @@ def _frozen(member: MemberSpec, dev: dict, folds: np.ndarray, store: Store) -> t
 
 
 def _logits_of(member: MemberSpec, state: dict, images: np.ndarray) -> np.ndarray:
-    draft = BundleManifest(members=(member_manifest(member.architecture, member.input_mode, member.size(), None),),
+    draft = BundleManifest(members=(member_manifest(member.architecture, member.input_mode, member.size(), None,
+                                                    view=member.view),),
                            thresholds=Thresholds(Threshold(0.5), Threshold(0.5)))
-    return Bundle.from_states(draft, [state]).member_logits({member.size(): images})[0]
+    return Bundle.from_states(draft, [state]).member_logits({member.input_key: images})[0]
 
 
 def _finetuned(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: TrainConfig, store: Store,
@@ -72,7 +73,7 @@ def _finetuned(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: TrainConfi
         fit = (folds != f) & (folds != val_f)
         fold_state, _ = train_member(member, subset(dev, fit), subset(dev, folds == val_f), cfg,
                                      f"{cfg.name}-oof{f}-{member.name}", store)
-        logits[folds == f] = _logits_of(member, fold_state, dev["images"][member.size()][folds == f])
+        logits[folds == f] = _logits_of(member, fold_state, dev["images"][member.input_key][folds == f])
     return logits, state, {"history": history}
 
 

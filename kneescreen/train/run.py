@@ -48,8 +48,7 @@ def _load_split_arrays(cfg: TrainConfig, store: Store) -> tuple[list[dict], dict
     if not store.exists(join(split_dir, "split.csv")):
         run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
-    sizes = sorted({m.size() for m in cfg.member_specs()})
-    return rows, load_arrays(rows, sizes, store)
+    return rows, load_arrays(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
 
 
 def fit_bundle(arrays: dict, dev_mask: np.ndarray, cfg: TrainConfig, store: Store) -> tuple[BundleManifest, list, dict]:
@@ -71,7 +70,8 @@ def fit_bundle(arrays: dict, dev_mask: np.ndarray, cfg: TrainConfig, store: Stor
         logits.append(lg)
         states.append(state)
         notes[spec.name] = note
-        members.append(member_manifest(spec.architecture, spec.input_mode, spec.size(), spec.weights, spec.head))
+        members.append(member_manifest(spec.architecture, spec.input_mode, spec.size(), spec.weights, spec.head,
+                                       spec.view))
     cov = covariate_out_of_fold(dev, folds)
     cov_fit = CovariateFit(cov[2], cov[3], cov[4], cov[0], cov[1]) if cov else None
     manifest = fit_ensemble(members, logits, dev["label"], folds, cov_fit, cfg.fusion, cfg.target_sensitivity,

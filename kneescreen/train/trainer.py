@@ -19,17 +19,16 @@ from kneescreen.train.loop import train_loop
 
 def train_member(member: MemberSpec, train: dict, val: dict, cfg: TrainConfig, run_name: str, store: Store):
     """Fine-tune one member with TorchTrainer. Returns (best state dict, metrics history)."""
-    size = member.size()
-    key = f"img_{size}"
-    train_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(train["images"][size], train["label"])])
-    val_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(val["images"][size], val["label"])])
+    key = member.input_key
+    train_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(train["images"][key], train["label"])])
+    val_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(val["images"][key], val["label"])])
     mean, std = normalisation(member.architecture, member.input_mode)
     fs, storage_path = store.filesystem(cfg.checkpoints())
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "architecture": member.architecture, "input_mode": member.input_mode, "weights": member.weights,
-            "store": store, "size": size, "mean": mean, "std": std, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+            "store": store, "input_key": key, "mean": mean, "std": std, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "patience": cfg.patience, "seed": cfg.seed,
             "threads": cfg.cpus_per_worker, "member": member.name,
             "class_counts": np.bincount(train["label"], minlength=len(CLASSES)).tolist(),
