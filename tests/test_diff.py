@@ -235,3 +235,34 @@ def test_overlapping_list_prefixes_are_refused():
     with pytest.raises(KneescreenError, match="overlap"):
         ScreenConfig(input="i", output="o", bundle="b", list_prefixes=("a", "ab")).validate()
     ScreenConfig(input="i", output="o", bundle="b", list_prefixes=("a/", "ab")).validate()
+
+
+def test_cli_exposes_listing_and_diff_settings(capsys):
+    import json
+
+    from kneescreen.cli import main
+
+    assert main(["screen", "--input", "in", "--output", "out", "--bundle", "b", "--list-fanout-depth", "2",
+                 "--list-prefixes", "0,1", "--list-workers", "16", "--diff-partitions", "4", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["list_fanout_depth"], cfg["list_prefixes"], cfg["list_workers"], cfg["diff_partitions"]) == \
+        (2, ["0", "1"], 16, 4)
+
+
+@pytest.mark.slow
+def test_screen_rescans_with_partitioned_diff_are_exactly_once(ray_local, tmp_path, small_archive, tiny_bundle):
+    """End to end: a rescan whose diff runs as Ray tasks (3 partitions) screens only the changed
+    object, and the scratch is gone after each commit."""
+    from kneescreen.screen.pipeline import run_screen
+
+    root, _ = small_archive
+    cfg = ScreenConfig(input=str(root / "images"), output=str(tmp_path / "out"), bundle=tiny_bundle, batch_size=8,
+                       list_fanout_depth=2, list_workers=3, diff_partitions=3)
+    first = run_screen(cfg)
+    assert first["counts"]["screened"] == first["counts"]["listed"] > 0
+    again = run_screen(cfg)
+    assert again["counts"]["screened"] == 0 and again["counts"]["already_screened"] == first["counts"]["listed"]
+    assert again["listing_fingerprint"] == first["listing_fingerprint"]
+    sequential = ScreenConfig(**{**cfg.__dict__, "list_fanout_depth": 0, "list_workers": 1, "diff_partitions": None})
+    assert run_screen(sequential)["listing_fingerprint"] == first["listing_fingerprint"]
+    assert not list((tmp_path / "out" / "_scratch").rglob("*.parquet"))

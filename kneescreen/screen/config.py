@@ -32,7 +32,7 @@ class ScreenConfig:
     # wall time by the workers, at the cost of one extra request per folder above the depth.
     list_fanout_depth: int = opt(1, "list folders down to this depth first, then each one in parallel (0: one listing)")
     list_prefixes: tuple[str, ...] = opt((), "list only these key prefixes (relative to --input), each in parallel; "
-                                         "for flat archives, e.g. 0 1 ... f for hex-named keys")
+                                         "for flat archives, e.g. 0,1,...,f for hex-named keys")
     list_workers: int = opt(8, "concurrent listing threads")
     # Hash partitions of the incremental diff (screen.diff). None sizes them from the previous run
     # (about 1 million rows per partition); one partition is diffed on the driver, more as Ray tasks.
