@@ -15,7 +15,7 @@ permanent errors too. An object done by any run is done.
 
 Why hash partitions: a (key, etag) digest is uniform, so P partitions of one archive hold about
 N / P objects each whatever the key layout, and both sides of one object land in the same
-partition. The driver only ever holds bounded write buffers (`BUFFER_ROWS`), one listing page and
+partition. The driver only ever holds bounded write buffers (`BUFFER_ROWS`), a few listing pages and
 per-partition counters; a partition's anti-join holds that partition's done digests (sorted
 12-byte strings, membership by binary search) and one listing file. `choose_partitions` sizes P to ~1 million objects
 per partition from the previous run. When no committed run of this model version exists (first
