@@ -59,7 +59,7 @@ def test_transient_errors_are_not_done_and_any_ok_row_wins(tmp_path):
     _commit(out, "r2", "2026-01-02", [("healed", "ok", None), ("ok", "error", "read_failed")])
     _commit(out, "r3", "2026-01-03", [("other", "error", "read_failed")], version="older-model")
     runs = committed_runs(Store(), out)
-    d = lambda *keys: {ledger._digest(k, "e") for k in keys}
+    d = lambda *keys: {ledger.object_digest(k, "e") for k in keys}
     done, retry = screen_state(Store(), out, runs, "mv")
     assert done == d("ok", "bad", "hip", "healed") and retry == d("flaky")
     done, retry = screen_state(Store(), out, runs, "mv", retry_errors=True)

@@ -26,6 +26,17 @@ class ScreenConfig:
     # retried by the next incremental run; permanent ones (not_dicom, truncated, ...) only when
     # asked, e.g. after a reader fix (docs/operations.md, "Transient and permanent errors").
     retry_errors: bool = opt(False, "incremental: also re-screen objects whose earlier rows are permanent errors")
+    # Listing fan-out (screen.listing): one delimiter listing per folder level down to this depth,
+    # then every folder at that depth listed by its own thread. S3 pages 1,000 keys per round trip,
+    # so one sequential listing of 100 million keys is 100,000 round trips; fan-out divides the
+    # wall time by the workers, at the cost of one extra request per folder above the depth.
+    list_fanout_depth: int = opt(1, "list folders down to this depth first, then each one in parallel (0: one listing)")
+    list_prefixes: tuple[str, ...] = opt((), "list only these key prefixes (relative to --input), each in parallel; "
+                                         "for flat archives, e.g. 0,1,...,f for hex-named keys")
+    list_workers: int = opt(8, "concurrent listing threads")
+    # Hash partitions of the incremental diff (screen.diff). None sizes them from the previous run
+    # (about 1 million rows per partition); one partition is diffed on the driver, more as Ray tasks.
+    diff_partitions: int | None = opt(None, "partitions of the incremental diff (default: ~1M objects each)")
     # Inference batch: 32 keeps a CPU actor's working set (32 x 224^2 activations) in cache-
     # friendly sizes; on a GPU raise it (256+) until the GPU is busy.
     batch_size: int = opt(32, "inference batch size per actor")
@@ -59,7 +70,15 @@ class ScreenConfig:
             raise KneescreenError(f"--mode must be incremental or full, not {self.mode!r}")
         if self.body_part_policy not in ("skip", "keep"):
             raise KneescreenError(f"--body-part-policy must be skip or keep, not {self.body_part_policy!r}")
-        for name in ("batch_size", "decode_batch_size", "actor_cpus", "actors", "max_pixels"):
+        for name in ("batch_size", "decode_batch_size", "actor_cpus", "actors", "max_pixels", "list_workers",
+                     "diff_partitions"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.list_fanout_depth < 0:
+            raise KneescreenError(f"--list-fanout-depth must be 0 or more, not {self.list_fanout_depth}")
+        for i, a in enumerate(self.list_prefixes):
+            for j, b in enumerate(self.list_prefixes):
+                if i != j and b.startswith(a):
+                    raise KneescreenError(f"--list-prefixes {a!r} and {b!r} overlap: keys under {b!r} would be "
+                                          "listed twice; give prefixes none of which starts another")

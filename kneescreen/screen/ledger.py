@@ -9,8 +9,8 @@ a permanent error code. A transient failure (`data.decode.TRANSIENT_ERROR_CODES`
 decoder crashes) is not done, so the next incremental run retries it; with ``--retry-errors``
 permanent errors are retried too. An object with an ok row is never screened again, so committed
 runs hold at most one ok row per (key, etag, model version), and the retried row belongs to the
-later run, which readers' "latest row per object" picks. The listing streams page by page into
-scratch Parquet chunks, so the driver never holds the whole archive's keys at once.
+later run, which readers' "latest row per object" picks. `screen.diff` applies this rule to the
+listing without holding either side in driver memory.
 """
 
 from __future__ import annotations
@@ -20,15 +20,10 @@ import hashlib
 import json
 import secrets
 
-import pyarrow as pa
-
 from kneescreen.data.decode import is_transient
 from kneescreen.io.store import Store, is_s3, join
-from kneescreen.screen.config import ScreenConfig
 
-LISTING_CHUNK = 5000  # listing rows per scratch Parquet file: bounded driver memory per page
 RUNS_JSONL = "runs_jsonl"  # one-line copies of the run manifests, for JSON SerDe tables (Athena)
-LISTING_SCHEMA = pa.schema([("key", pa.string()), ("etag", pa.string()), ("size", pa.int64())])
 
 
 def new_run_id() -> str:
@@ -80,8 +75,23 @@ def drop_uncommitted(store: Store, output: str, committed_ids: set[str]) -> list
     return sorted(set(dropped))
 
 
-def _digest(key: str, etag: str) -> bytes:
+def object_digest(key: str, etag: str) -> bytes:
+    """The 96-bit identity of a listed object version: blake2b of (key, etag). The diff joins on
+    it, partitions by its first bytes and the listing fingerprint sums it."""
     return hashlib.blake2b(f"{key}\0{etag}".encode(), digest_size=12).digest()
+
+
+def is_done(status: str, error_code: str | None, retry_errors: bool) -> bool:
+    """Whether a committed row settles its object (see the module docstring)."""
+    if status != "error":
+        return True  # ok, or skipped by policy: reading the object again changes nothing
+    return not retry_errors and not is_transient(error_code)
+
+
+def prediction_uris(output: str, runs: list[dict], model_version: str) -> list[str]:
+    """The predictions folders of the committed runs of this model version that wrote any."""
+    return [join(output, "predictions", f"model_version={model_version}", f"run_id={run['run_id']}")
+            for run in runs if run["model_version"] == model_version and run.get("predictions")]
 
 
 def done_set(store: Store, output: str, runs: list[dict], model_version: str,
@@ -90,16 +100,13 @@ def done_set(store: Store, output: str, runs: list[dict], model_version: str,
     return screen_state(store, output, runs, model_version, retry_errors)[0]
 
 
-def _is_done(status: str, error_code: str | None, retry_errors: bool) -> bool:
-    """Whether a committed row settles its object (see the module docstring)."""
-    if status != "error":
-        return True  # ok, or skipped by policy: reading the object again changes nothing
-    return not retry_errors and not is_transient(error_code)
-
-
 def screen_state(store: Store, output: str, runs: list[dict], model_version: str,
                  retry_errors: bool = False) -> tuple[set[bytes], set[bytes]]:
-    """What committed runs of this model version left: done objects and objects to retry.
+    """What committed runs of this model version left, as two sets in memory.
+
+    The reference form of the done/retry rule, for small outputs and tests: its sets grow with
+    everything ever screened (~100 bytes per object). `run_screen` uses `screen.diff`, which
+    applies the same rule (`is_done`) one hash partition at a time.
 
     Args:
         store: where the output lives.
@@ -111,60 +118,13 @@ def screen_state(store: Store, output: str, runs: list[dict], model_version: str
     Returns:
         (done, retry): (key, etag) digests to skip, and digests whose committed rows are all errors
         that are to be tried again (the run manifest's ``retried`` counts those it re-screens).
-        An object done by any run is done, whatever other runs hold for it. 12-byte digests keep
-        ~10 million screened objects within about 1 GB of driver memory.
+        An object done by any run is done, whatever other runs hold for it.
     """
     done: set[bytes] = set()
     failed: set[bytes] = set()
-    for run in runs:
-        if run["model_version"] != model_version:
-            continue
-        uri = join(output, "predictions", f"model_version={model_version}", f"run_id={run['run_id']}")
-        if not run.get("predictions"):
-            continue  # a run that screened nothing wrote no predictions
+    for uri in prediction_uris(output, runs, model_version):
         for batch in store.iter_parquet_batches(uri, ["key", "etag", "status", "error_code"]):
             cols = [batch.column(c).to_pylist() for c in ("key", "etag", "status", "error_code")]
             for k, e, status, code in zip(*cols):
-                (done if _is_done(status, code, retry_errors) else failed).add(_digest(k, e or ""))
+                (done if is_done(status, code, retry_errors) else failed).add(object_digest(k, e or ""))
     return done, failed - done
-
-
-def stream_listing(store: Store, cfg: ScreenConfig, run_id: str, done: set[bytes],
-                   retry: set[bytes] = frozenset()) -> dict:
-    """Stream the archive listing page by page into scratch Parquet chunks, minus ``done``.
-
-    Returns:
-        counts (listed, already_done, to_screen, retried: listed objects in ``retry``), the
-        listing fingerprint, the scratch prefix and the chunk URIs.
-    """
-    scratch = join(cfg.output, "_scratch", f"run_id={run_id}")
-    fp = hashlib.sha256()
-    chunk: list[dict] = []
-    counts = {"listed": 0, "already_done": 0, "to_screen": 0, "retried": 0}
-    uris: list[str] = []
-
-    def flush():
-        if chunk:
-            uris.append(join(scratch, f"listing-{len(uris):06d}.parquet"))
-            store.write_parquet(pa.Table.from_pylist(chunk, schema=LISTING_SCHEMA), uris[-1])
-            chunk.clear()
-
-    for obj in store.list_objects(cfg.input, cfg.include, cfg.exclude):
-        counts["listed"] += 1
-        fp.update(f"{obj.key}\t{obj.etag}\n".encode())
-        digest = _digest(obj.key, obj.etag)
-        if digest in done:
-            counts["already_done"] += 1
-            continue
-        counts["retried"] += digest in retry
-        chunk.append({"key": obj.key, "etag": obj.etag, "size": obj.size})
-        counts["to_screen"] += 1
-        if len(chunk) >= LISTING_CHUNK:
-            flush()
-    flush()
-    return {**counts, "fingerprint": fp.hexdigest()[:32], "scratch": scratch, "chunk_uris": uris}
-
-
-def read_listing_chunks(batch, store: Store):
-    """Ray Data task: scratch chunk URIs -> their listing rows (key, etag, size)."""
-    return pa.concat_tables([store.read_parquet(uri) for uri in batch["chunk"].to_pylist()])

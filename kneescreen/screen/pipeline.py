@@ -1,6 +1,7 @@
 """Archive screening on Ray Data: per-image risk classes and confusion statistics in Parquet.
 
-    list (driver, paged) -> diff against committed runs -> listing chunks (Parquet, scratch)
+    list (driver threads over key prefixes, paged) -> diff against committed runs, by hash
+      partition (driver for one partition, Ray tasks for more) -> chunks to screen (Parquet, scratch)
       -> blocks of `decode_batch_size` rows -> decode + preprocess (CPU tasks; bad input ->
          error/skipped rows)
       -> ensemble inference (ActorPoolStrategy: 1 GPU per actor on clusters, CPU actors here)
@@ -32,7 +33,7 @@ from kneescreen.errors import KneescreenError
 from kneescreen.io.privacy import pseudonym_key
 from kneescreen.io.store import Store, join
 from kneescreen.model.bundle import Bundle, load_bundle
-from kneescreen.screen import ledger
+from kneescreen.screen import diff, ledger
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.schema import PREDICTIONS
 from kneescreen.screen.stages import (
@@ -71,7 +72,7 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
         # handful of small files, and would hand a whole chunk to a single decode task and then a
         # single actor: no overlap between decode and inference, one busy actor.)
         ray.data.from_items([{"chunk": uri} for uri in chunk_uris])
-        .map_batches(ledger.read_listing_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"store": store})
+        .map_batches(diff.read_listing_chunks, batch_size=1, batch_format="pyarrow", fn_kwargs={"store": store})
         .repartition(target_num_rows_per_block=cfg.decode_batch_size)
         # Decode tasks reserve memory (a 4k x 4k 16-bit radiograph peaks near 0.5 GB as float
         # arrays). The reservation also keeps Ray from fusing decode into the inference actor,
@@ -168,13 +169,11 @@ def run_screen(cfg: ScreenConfig, store: Store | None = None) -> dict:
     # Heavy set-up once, on the driver: download + verify the bundle, then share the verified
     # tensors with every actor through the object store (no per-actor S3 reads or re-hashing).
     bundle = load_bundle(cfg.bundle, store=store)
-    done, retry = (ledger.screen_state(store, cfg.output, runs, bundle.version, cfg.retry_errors)
-                   if cfg.mode == "incremental" else (set(), set()))
-    listing = ledger.stream_listing(store, cfg, run_id, done, retry)
+    listing = diff.diff_listing(store, cfg, run_id, runs, bundle.version)
     t_listed = time.perf_counter()
-    _logger.info("run %s: listed %d objects, %d already screened by model %s, %d to screen (%d retried)",
-                 run_id, listing["listed"], listing["already_done"], bundle.version, listing["to_screen"],
-                 listing["retried"])
+    _logger.info("run %s: listed %d objects, %d already screened by model %s, %d to screen (%d retried; "
+                 "%d diff partition(s))", run_id, listing["listed"], listing["already_done"], bundle.version,
+                 listing["to_screen"], listing["retried"], listing["partitions"])
     pred_uri = join(cfg.output, "predictions", f"model_version={bundle.version}", f"run_id={run_id}")
     written = _screen(cfg, store, bundle, listing, key, run_id, pred_uri)
     t_screened = time.perf_counter()
