@@ -39,7 +39,9 @@ def _outer_fold(f: int, arrays: dict, cfg: TrainConfig, store: Store, oof: dict)
     bundle = Bundle.from_states(dataclasses.replace(manifest, version=f"cv-fold{f}"), states)
     test = subset(arrays, arrays["fold"] == f)
     for name, (probs, pred) in predictor_outputs(bundle, test).items():
-        d = oof.setdefault(name, {"probs": [], "pred": [], "low": []})
+        # Each fold's recipe picks its own fusion rule: pool "image_ensemble" and "fused" by role.
+        role = name.split(":", 1)[0] if name.startswith(("image_ensemble:", "fused:")) else name
+        d = oof.setdefault(role, {"probs": [], "pred": [], "low": []})
         d["probs"].append(probs)
         d["pred"].append(pred)
         d["low"].append((probs[:, 1] + probs[:, 2]) >= manifest.low_bmd_threshold(name))
