@@ -116,3 +116,62 @@ def test_unknown_label_is_a_clear_error(tmp_path):
     (tmp_path / "labels.csv").write_text("key,label\na.png,broken-ish\n")
     with pytest.raises(KneescreenError, match="unknown label 'broken-ish'"):
         load_collection(str(tmp_path))
+
+
+def _partition(rows: list[dict], links: list[tuple[str, str]]) -> set[frozenset]:
+    """Connected components of keys under ``links`` plus same patient and same pixel hash: the
+    grouping the old all-pairs code computed, as a reference."""
+    parent = {r["key"]: r["key"] for r in rows}
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    first = {}
+    for r in rows:
+        for attr in ("patient", "pixel_hash"):
+            links.append((r["key"], first.setdefault((attr, r[attr]), r["key"])))
+    for a, b in links:
+        parent[find(a)] = find(b)
+    groups = {}
+    for r in rows:
+        groups.setdefault(find(r["key"]), set()).add(r["key"])
+    return {frozenset(g) for g in groups.values()}
+
+
+@needs_dev
+def test_duplicates_across_patients_stay_together_and_match_all_pairs(tmp_path):
+    import numpy as np
+
+    from kneescreen.data.fingerprints import all_pairs_near_duplicates, thumbnail
+
+    root = _dev_subset(tmp_path)
+    keys = [f"{c}/{f}" for c in ("normal", "osteopenia", "osteoporosis") for f in sorted(os.listdir(root / c))]
+    labels = [{"key": k, "label": k.split("/")[0], "patient_ref": f"P{i}"} for i, k in enumerate(keys)]
+    labels[1]["patient_ref"] = labels[0]["patient_ref"]  # one patient, two images
+    a, b = keys[3], keys[8]
+    Image.open(root / a).convert("L").save(root / "normal" / "exact-copy.png")  # same pixels, other patient
+    im = Image.open(root / b).convert("L")
+    im.resize((im.width // 2, im.height // 2)).save(root / "osteopenia" / "near-copy.jpg", quality=70)
+    labels += [{"key": "normal/exact-copy.png", "label": "normal", "patient_ref": "X1"},
+               {"key": "osteopenia/near-copy.jpg", "label": "osteopenia", "patient_ref": "X2"}]
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["key", "label", "patient_ref"])
+        w.writeheader()
+        w.writerows(labels)
+    audit = run_split(str(root), str(tmp_path / "out"), SplitConfig(folds=3, duplicates="group"))
+    rows = load_split(str(tmp_path / "out"))
+    by_key = {r["key"]: r for r in rows}
+    for x, y in ((a, "normal/exact-copy.png"), (b, "osteopenia/near-copy.jpg"), (keys[0], keys[1])):
+        assert (by_key[x]["group"], by_key[x]["split"], by_key[x]["fold"]) == \
+               (by_key[y]["group"], by_key[y]["split"], by_key[y]["fold"])
+    assert audit["summary"]["leaks"] == 0 and audit["summary"]["exact_duplicate_groups"] == 1
+    # The same groups and pair count as the exact all-pairs search over every kept image.
+    thumbs = np.stack([thumbnail(read_radiograph((root / r["key"]).read_bytes()).image) for r in rows])
+    pairs = all_pairs_near_duplicates(thumbs, SplitConfig().near_duplicate_corr)
+    assert audit["summary"]["near_duplicate_pairs"] == len(pairs) >= 2  # the near copy and the exact copy
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], set()).add(r["key"])
+    assert {frozenset(g) for g in by_group.values()} == _partition(rows, [(rows[i]["key"], rows[j]["key"]) for i, j in pairs])
