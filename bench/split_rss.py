@@ -31,7 +31,11 @@ import time
 import numpy as np
 
 CHILD = r"""
-import json, resource, sys, time, logging
+import json, os, resource, sys, time
+tree = os.environ.get("SPLIT_BENCH_TREE")
+if tree:  # the editable install's import hook would win over PYTHONPATH: drop it, put the tree first
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path.insert(0, tree)
 import kneescreen
 from kneescreen.data.datasets import run_split
 t = time.time()
@@ -80,7 +84,7 @@ def make_collection(root: pathlib.Path, n: int, seed: int = 0) -> None:
 def measure(root: pathlib.Path, out: pathlib.Path, pythonpath: str | None) -> dict:
     env = dict(os.environ)
     if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+        env["SPLIT_BENCH_TREE"] = pythonpath
     env.setdefault("KNEESCREEN_PSEUDONYM_KEY", "bench-only-key-0123456789")
     proc = subprocess.run([sys.executable, "-c", CHILD, str(root), str(out)], env=env, capture_output=True, text=True)
     if proc.returncode:
