@@ -93,8 +93,13 @@ def test_audit_detects_a_leak():
 
 @pytest.mark.s3
 def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path):
+    import ray
+
     from kneescreen.io.store import Store
 
+    # run_split reads images in Ray workers, which take S3 credentials from their own environment
+    # (as on a cluster): a Ray started by an earlier test, before the S3 server set it, has none.
+    ray.shutdown()
     root, _ = small_archive
     labels = list(csv.DictReader(open(root / "labels.csv")))[:8]
     for r in labels:
