@@ -8,15 +8,20 @@ splitting is the connected component of (patient, pixel hash, near-duplicate pai
 written next to the split proves, from the written file, that no patient and no fingerprint
 crosses splits.
 
-Scale: `run_split` runs as Ray Data stages (`data.split_stages`) with bounded driver memory: the
-labels stream into scratch Parquet chunks, fingerprints are Ray tasks writing scratch Parquet,
-duplicates and near duplicates (locality-sensitive hashing, `data.fingerprints`) are found by
-groupby/map_groups, and the driver holds only what grows with the duplicates (duplicate rows,
-near pairs, the union-find over them, decode errors) plus one batch per file it merges.
+Scale: `run_split` has two engines with one result. Up to `SplitConfig.local_max_images` images
+(20,000) it runs in process (`data.split_local`: a process pool, all pairs compared; seconds, driver
+memory ~25 KB per image, 666 MB at 20,000). Above, it runs as Ray Data stages
+(`data.split_stages`) with bounded driver memory: the labels stream into scratch Parquet chunks,
+fingerprints are Ray tasks writing scratch Parquet, duplicates and near duplicates
+(locality-sensitive hashing, `data.fingerprints`) are found by groupby/map_groups, and the driver
+holds only what grows with the duplicates (duplicate rows, near pairs, the union-find over them,
+decode errors) plus one batch per file it merges. Both share the duplicate policy, union-find,
+assignment order and rule, writer and audit, so a seed gives the same split.csv on either.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import pathlib
@@ -27,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from kneescreen.config import opt
+from kneescreen.data import split_local as local
 from kneescreen.data import split_stages as st
 from kneescreen.data.fingerprints import ITEM_SCHEMA, thumbnail  # noqa: F401  (thumbnail: public helper)
 from kneescreen.errors import KneescreenError
@@ -58,6 +64,12 @@ class SplitConfig:
     # 20 x 20: a pair at 0.995 is missed with probability 4e-7 (data.fingerprints has the numbers).
     near_duplicate_bands: int = opt(20, "LSH bands for the near-duplicate search (more: fewer misses, more work)")
     near_duplicate_bits: int = opt(20, "LSH sign bits per band, 1..32 (more: fewer candidate pairs, more misses)")
+    # auto: in process up to local_max_images, Ray Data above. The in-process engine takes seconds
+    # but its driver grows ~25 KB per image (666 MB at 20,000, bench/split_rss.py); the Ray engine
+    # stays near 400 MB at any size but pays minutes of Ray start-up and shuffles.
+    engine: str = opt("auto", "split engine: local (in process), ray (Ray Data stages, bounded driver "
+                      "memory) or auto (local up to --local-max-images images)", choices=("auto", "local", "ray"))
+    local_max_images: int = opt(20000, "largest collection the auto engine splits in process")
 
 
 @dataclass
@@ -190,10 +202,27 @@ def _class_folder_batches(source: str, batch_rows: int) -> Iterator[list[Item]]:
         yield items
 
 
-def _write_item_chunks(store: Store, source: str, images_root: str | None, scratch: str) -> tuple[list[str], int, bool]:
+def choose_engine(cfg: "SplitConfig", batches: Iterator[list[Item]]) -> tuple[str, Iterator[list[Item]]]:
+    """The engine for a collection and its item batches (the ones read to decide, then the rest).
+
+    ``auto`` reads batches until the collection proves larger than ``local_max_images`` (the
+    driver then holds at most that many items) and picks ``ray`` if it does, else ``local``.
+    """
+    if cfg.engine == "ray":
+        return "ray", batches
+    held, n = [], 0
+    for batch in batches:
+        held.append(batch)
+        n += len(batch)
+        if cfg.engine == "auto" and n > cfg.local_max_images:
+            return "ray", itertools.chain(held, batches)
+    return "local", iter(held)
+
+
+def _write_item_chunks(store: Store, batches: Iterator[list[Item]], scratch: str) -> tuple[list[str], int, bool]:
     """The collection as scratch Parquet chunks; returns (chunk URIs, items, any patient from labels)."""
     uris, n, patients = [], 0, False
-    for batch in iter_collection(source, images_root, store):
+    for batch in batches:
         rows = [asdict(it) for it in batch]
         patients = patients or any(it.patient for it in batch)
         uri = join(scratch, "items", f"part-{len(uris):05d}.parquet")
@@ -237,8 +266,12 @@ def run_split(source: str, out_dir: str, cfg: SplitConfig = SplitConfig(), image
               store: Store | None = None) -> dict:
     """Load, fingerprint, split and write ``split.csv``, ``duplicates.csv`` and ``audit.json``.
 
-    Ray Data stages with bounded driver memory (`data.split_stages`); scratch files live under
-    ``<out_dir>/_scratch`` and are removed at the end.
+    The engine (`SplitConfig.engine`; `choose_engine`): ``local`` in process (`data.split_local`),
+    ``ray`` as Ray Data stages with bounded driver memory (`data.split_stages`; scratch files under
+    ``<out_dir>/_scratch``, removed at the end); ``auto`` local up to ``local_max_images`` images.
+    Both write the same files for the same seed. The one way they can differ: the Ray engine finds
+    near duplicates by LSH, which misses a pair at exactly the threshold with probability ~4e-7
+    (`data.fingerprints`), where the local engine compares all pairs.
 
     Returns:
         The audit: ``summary`` (leaks, class counts per split and fold, duplicate counts),
@@ -247,17 +280,46 @@ def run_split(source: str, out_dir: str, cfg: SplitConfig = SplitConfig(), image
     Raises:
         KneescreenError: no labels, an unknown label, or fractions that leave no training share.
     """
-    from kneescreen._private.cluster import ensure_ray
-
-    train_frac = 1 - cfg.val_fraction - cfg.test_fraction
-    if train_frac <= 0:
+    if cfg.val_fraction + cfg.test_fraction >= 1:
         raise KneescreenError("val_fraction + test_fraction must be below 1")
     store = store or Store.resolve()
+    engine, batches = choose_engine(cfg, iter_collection(source, images_root, store))
+    _logger.info("splitting %s with the %s engine", source, engine)
+    audit = (_split_local if engine == "local" else _split_ray)(store, batches, out_dir, cfg)
+    audit["config"] = asdict(cfg)
+    write_audit(store, out_dir, audit)
+    _logger.info("split written to %s: %s", out_dir, json.dumps(audit["summary"]["split_class_counts"]))
+    return audit
+
+
+def _targets(cfg: SplitConfig) -> list[float]:
+    return [1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction]
+
+
+def _split_local(store: Store, batches: Iterator[list[Item]], out_dir: str, cfg: SplitConfig) -> dict:
+    items = [it for batch in batches for it in batch]
+    _logger.info("fingerprinting %d images in process", len(items))
+    table = pa.Table.from_pylist([asdict(it) for it in items], schema=ITEM_SCHEMA)
+    fp = local.fingerprint_table(table, store, pseudonym_key(required=False))
+    errors = sorted(({"key": k, "error_code": e} for k, e in zip(fp.column("key").to_pylist(),
+                     fp.column("error_code").to_pylist()) if e), key=lambda e: e["key"])
+    dup_rows = local.find_exact_duplicates(fp, cfg.duplicates, cfg.conflicts)
+    dropped_keys, dropped, hash_edges, dup_counts = _dedupe(dup_rows)
+    near = local.find_near_pairs(fp, dropped_keys, cfg.near_duplicate_corr)
+    rows = local.assign(fp, dropped_keys, _components(hash_edges, near), _targets(cfg), cfg.folds, cfg.seed)
+    st.write_split_rows(store, join(out_dir, "split.csv"), rows)
+    audit = audit_split(rows)
+    return _summarise(audit, len(items), errors, dropped, dup_counts, dup_rows, near, any(it.patient for it in items))
+
+
+def _split_ray(store: Store, batches: Iterator[list[Item]], out_dir: str, cfg: SplitConfig) -> dict:
+    from kneescreen._private.cluster import ensure_ray
+
     scratch = join(out_dir, "_scratch")
     store.delete_prefix(scratch)
-    chunks, n_items, patients_from_labels = _write_item_chunks(store, source, images_root, scratch)
+    chunks, n_items, patients_from_labels = _write_item_chunks(store, batches, scratch)
     ensure_ray()
-    _logger.info("fingerprinting %d images from %s", n_items, source)
+    _logger.info("fingerprinting %d images in Ray tasks", n_items)
     st.fingerprint_collection(store, chunks, join(scratch, "fingerprints"), pseudonym_key(required=False))
     fp = st.read_fingerprints(store, join(scratch, "fingerprints"))
     errors, ok_counts = st.scan_fingerprints(store, join(scratch, "fingerprints"))
@@ -268,21 +330,26 @@ def run_split(source: str, out_dir: str, cfg: SplitConfig = SplitConfig(), image
                               cfg.near_duplicate_bands, cfg.near_duplicate_bits)
     roots = _components(hash_edges, near)
     group_uris, totals = st.write_groups(fp, dropped_keys, roots, kept, join(scratch, "groups"), store, cfg.seed)
-    chunk_uris = st.assign_groups(store, group_uris, totals, join(scratch, "assigned"),
-                                  [train_frac, cfg.val_fraction, cfg.test_fraction], cfg.folds, cfg.seed)
+    chunk_uris = st.assign_groups(store, group_uris, totals, join(scratch, "assigned"), _targets(cfg),
+                                  cfg.folds, cfg.seed)
     rows = st.write_split_csv(store, join(out_dir, "split.csv"), chunk_uris)
     audit = audit_written_split(store, join(out_dir, "split.csv"), rows)
+    store.delete_prefix(scratch)
+    return _summarise(audit, n_items, errors, dropped, dup_counts, dup_rows, near, patients_from_labels)
+
+
+def _summarise(audit: dict, n_items: int, errors: list[dict], dropped: list[dict], dup_counts: dict,
+               dup_rows: list[dict], near: list[dict], patients_from_labels: bool) -> dict:
+    """The audit of a written split plus what the engine found on the way (the same for both)."""
+    kept = sum(sum(c.values()) for c in audit["summary"]["split_class_counts"].values())
     audit["summary"].update({
-        "input_items": n_items, "decode_errors": len(errors), "kept": rows, "dropped": len(dropped), **dup_counts,
+        "input_items": n_items, "decode_errors": len(errors), "kept": kept, "dropped": len(dropped), **dup_counts,
         "near_duplicate_pairs": len(near),
         "near_duplicate_pairs_with_different_labels": sum(p["label_a"] != p["label_b"] for p in near),
         "patients_from_labels": patients_from_labels,
     })
-    audit.update(config=asdict(cfg), dropped=dropped, decode_errors=errors,
+    audit.update(dropped=dropped, decode_errors=errors,
                  duplicates=[{k: r[k] for k in ("pixel_hash", "kind", "key", "label")} for r in dup_rows])
-    write_audit(store, out_dir, audit)
-    store.delete_prefix(scratch)
-    _logger.info("split written to %s: %s", out_dir, json.dumps(audit["summary"]["split_class_counts"]))
     return audit
 
 
@@ -300,6 +367,7 @@ def audit_split(rows: list[dict]) -> dict:
     (in memory, for a list of rows; `audit_written_split` does the same for a written split)."""
     table = pa.Table.from_pylist([{a: r[a] for a in (*st.AUDITED, "split", "fold")} for r in rows]) if rows else None
     leaks = st.leak_rows(st.audit_rows(table)).to_pylist() if table is not None else []
+    leaks.sort(key=lambda r: (r["by"], r["attribute"], r["value"]))  # as `st.find_leaks` orders them
     counts = {s: {} for s in ("train", "val", "test")}
     folds: dict[str, dict] = {}
     for r in rows:

@@ -97,7 +97,7 @@ def scan_fingerprints(store: Store, uri: str) -> tuple[list[dict], Counter]:
     return sorted(errors, key=lambda e: e["key"]), counts
 
 
-def _with_unit(table: pa.Table, dropped: frozenset = frozenset()) -> pa.Table:
+def with_unit(table: pa.Table, dropped: frozenset = frozenset()) -> pa.Table:
     """Readable, not dropped rows with ``unit``: the patient, else the image alone."""
     table = ok_rows(table)
     if dropped:
@@ -110,8 +110,8 @@ def _with_unit(table: pa.Table, dropped: frozenset = frozenset()) -> pa.Table:
 # exact and near duplicates
 
 
-def _hash_rows(batch: pa.Table, parts: int) -> pa.Table:
-    t = _with_unit(batch)
+def hash_rows(batch: pa.Table, parts: int) -> pa.Table:
+    t = with_unit(batch)
     t = t.select(["pixel_hash", "key", "label", "unit"])
     return t.append_column("part", pa.array(partition_of(t.column("pixel_hash").to_pylist(), parts), pa.int64()))
 
@@ -143,7 +143,7 @@ def exact_duplicate_rows(part: pa.Table, duplicates: str, conflicts: str) -> pa.
 
 def find_exact_duplicates(fp: ray.data.Dataset, parts: int, duplicates: str, conflicts: str) -> list[dict]:
     """Rows of images whose pixel hash is shared (`exact_duplicate_rows`), sorted; O(duplicates)."""
-    rows = (fp.map_batches(_hash_rows, batch_format="pyarrow", fn_kwargs={"parts": parts})
+    rows = (fp.map_batches(hash_rows, batch_format="pyarrow", fn_kwargs={"parts": parts})
             .groupby("part", num_partitions=parts)
             .map_groups(exact_duplicate_rows, batch_format="pyarrow",
                         fn_kwargs={"duplicates": duplicates, "conflicts": conflicts})
@@ -152,7 +152,7 @@ def find_exact_duplicates(fp: ray.data.Dataset, parts: int, duplicates: str, con
 
 
 def _band_rows(batch: pa.Table, dropped: frozenset, bands: int, bits: int, parts: int) -> pa.Table:
-    return bucket_rows(_with_unit(batch, dropped), bands, bits, parts)
+    return bucket_rows(with_unit(batch, dropped), bands, bits, parts)
 
 
 def find_near_pairs(fp: ray.data.Dataset, dropped: frozenset, kept: int, min_corr: float,
@@ -196,8 +196,8 @@ class UnionFind:
 # groups and their assignment
 
 
-def _group_rows(batch: pa.Table, dropped: frozenset, roots: dict, parts: int) -> pa.Table:
-    t = _with_unit(batch, dropped)
+def group_rows(batch: pa.Table, dropped: frozenset, roots: dict, parts: int) -> pa.Table:
+    t = with_unit(batch, dropped)
     units = t.column("unit").to_pylist()
     groups = [roots.get(u, u) for u in units]
     cols = {c: t.column(c) for c in ("key", "uri", "label", "t_score", "age", "sex", "pixel_hash")}
@@ -218,26 +218,34 @@ def tiebreak(group_units: list[str], seed: int) -> np.ndarray:
 MEMBER_COLUMNS = ["key", "uri", "label", "patient", "t_score", "age", "sex", "pixel_hash"]
 
 
-def write_group_partition(part: pa.Table, out_uri: str, store: Store, seed: int) -> pa.Table:
-    """map_groups function over one partition of groups: one row per group (size ``n``, class
-    counts ``c0..c2``, seeded ``tb``, member columns as lists), written sorted by (n desc, tb, group)
-    to ``<out_uri>/part-<p>.parquet``; returns the partition's size and class counts."""
-    p = int(part.column("part")[0].as_py())
+def group_table(rows: pa.Table, seed: int) -> pa.Table:
+    """`group_rows` rows -> one row per group (size ``n``, class counts ``c0..c2``, seeded ``tb``,
+    member columns as lists), sorted by (n desc, tb, group): the order groups are assigned in."""
     aggs = [("key", "count")] + [(f"c{i}", "sum") for i in range(len(CLASSES))] + [(c, "list") for c in MEMBER_COLUMNS]
-    g = part.group_by("group_unit", use_threads=False).aggregate(aggs)
+    g = rows.group_by("group_unit", use_threads=False).aggregate(aggs)
     g = g.rename_columns([c.removesuffix("_sum").removesuffix("_list").replace("key_count", "n") for c in g.column_names])
     g = g.append_column("tb", pa.array(tiebreak(g.column("group_unit").to_pylist(), seed), pa.int64()))
-    g = g.sort_by([("n", "descending"), ("tb", "ascending"), ("group_unit", "ascending")])
-    store.write_parquet(g, join(out_uri, f"part-{p:05d}.parquet"))
-    return pa.table({"part": [p], **{f"c{i}": [int(pc.sum(part.column(f"c{i}")).as_py() or 0)]
-                                     for i in range(len(CLASSES))}})
+    return g.sort_by([("n", "descending"), ("tb", "ascending"), ("group_unit", "ascending")])
+
+
+def class_totals(rows: pa.Table) -> list[int]:
+    """Images per class of `group_rows` rows."""
+    return [int(pc.sum(rows.column(f"c{i}")).as_py() or 0) for i in range(len(CLASSES))]
+
+
+def write_group_partition(part: pa.Table, out_uri: str, store: Store, seed: int) -> pa.Table:
+    """map_groups function over one partition of groups: its `group_table`, written to
+    ``<out_uri>/part-<p>.parquet``; returns the partition's number and class counts."""
+    p = int(part.column("part")[0].as_py())
+    store.write_parquet(group_table(part, seed), join(out_uri, f"part-{p:05d}.parquet"))
+    return pa.table({"part": [p], **{f"c{i}": [n] for i, n in enumerate(class_totals(part))}})
 
 
 def write_groups(fp: ray.data.Dataset, dropped: frozenset, roots: dict, kept: int, out_uri: str,
                  store: Store, seed: int) -> tuple[list[str], np.ndarray]:
     """Group files under ``out_uri`` (`write_group_partition`); returns (file URIs, class totals)."""
     parts = partitions(kept)
-    summary = (fp.map_batches(_group_rows, batch_size=4096, batch_format="pyarrow",
+    summary = (fp.map_batches(group_rows, batch_size=4096, batch_format="pyarrow",
                               fn_kwargs={"dropped": dropped, "roots": roots, "parts": parts})
                .groupby("part", num_partitions=parts)
                .map_groups(write_group_partition, batch_format="pyarrow",
@@ -278,22 +286,29 @@ class GreedyAssigner:
         return j
 
 
-def assign_groups(store: Store, group_uris: list[str], totals: np.ndarray, out_uri: str,
-                  targets: list[float], folds: int, seed: int) -> list[str]:
-    """Stream the groups largest first (merge of the sorted group files), assign each a split and a
-    fold with `GreedyAssigner` (split and fold independently, as before), and write the member rows
-    in key-sorted chunks of `ASSIGNED_CHUNK` rows; returns the chunk URIs."""
+def assign_stream(groups, totals: np.ndarray, targets: list[float], folds: int, seed: int) -> Iterator[dict]:
+    """Member rows of groups (`group_table` rows, in its order) with ``group`` (the position in
+    that order), ``split`` and ``fold``, each chosen by `GreedyAssigner` (split and fold
+    independently, as before). Both engines assign through here."""
     split_of = GreedyAssigner(targets, totals, seed)
     fold_of = GreedyAssigner([1 / folds] * folds, totals, seed + 1)
+    for gid, g in enumerate(groups):
+        counts = np.array([g[f"c{i}"] for i in range(len(CLASSES))], dtype=float)
+        split, fold = ("train", "val", "test")[split_of(counts)], fold_of(counts)
+        for member in zip(*(g[c] for c in MEMBER_COLUMNS)):
+            yield {**dict(zip(MEMBER_COLUMNS, member)), "group": gid, "split": split, "fold": fold}
+
+
+def assign_groups(store: Store, group_uris: list[str], totals: np.ndarray, out_uri: str,
+                  targets: list[float], folds: int, seed: int) -> list[str]:
+    """Stream the groups largest first (merge of the sorted group files) through `assign_stream`
+    and write the member rows in key-sorted chunks of `ASSIGNED_CHUNK` rows; returns the chunk URIs."""
     columns = ["group_unit", "n", "tb"] + [f"c{i}" for i in range(len(CLASSES))] + MEMBER_COLUMNS
     rows: list[dict] = []
     uris: list[str] = []
     stream = merged(store, group_uris, columns, lambda r: (-r["n"], r["tb"], r["group_unit"]))
-    for gid, g in enumerate(stream):
-        counts = np.array([g[f"c{i}"] for i in range(len(CLASSES))], dtype=float)
-        split, fold = ("train", "val", "test")[split_of(counts)], fold_of(counts)
-        for member in zip(*(g[c] for c in MEMBER_COLUMNS)):
-            rows.append({**dict(zip(MEMBER_COLUMNS, member)), "group": gid, "split": split, "fold": fold})
+    for row in assign_stream(stream, totals, targets, folds, seed):
+        rows.append(row)
         if len(rows) >= ASSIGNED_CHUNK:
             uris.append(_write_chunk(store, out_uri, len(uris), rows))
             rows = []
@@ -314,8 +329,13 @@ def _write_chunk(store: Store, out_uri: str, n: int, rows: list[dict]) -> str:
 
 
 def write_split_csv(store: Store, uri: str, chunk_uris: list[str]) -> int:
-    """split.csv from the assigned chunks, merged by key and written as it streams (an S3
-    multipart upload through pyarrow, or a local file); returns the rows written."""
+    """split.csv from the assigned chunks, merged by key (`write_split_rows`); returns the rows written."""
+    return write_split_rows(store, uri, merged(store, chunk_uris, SPLIT_SCHEMA.names, lambda r: r["key"]))
+
+
+def write_split_rows(store: Store, uri: str, rows) -> int:
+    """split.csv from key-sorted rows, written as they stream (an S3 multipart upload through
+    pyarrow, or a local file); returns the rows written. Both engines write through here."""
     fs, path = store.filesystem(uri)
     if not is_s3(uri):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -324,7 +344,7 @@ def write_split_csv(store: Store, uri: str, chunk_uris: list[str]) -> int:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=SPLIT_COLUMNS)
         writer.writeheader()
-        for row in merged(store, chunk_uris, SPLIT_SCHEMA.names, lambda r: r["key"]):
+        for row in rows:
             writer.writerow(row)
             n += 1
             if buf.tell() > 1 << 20:
