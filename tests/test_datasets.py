@@ -92,9 +92,17 @@ def test_audit_detects_a_leak():
 
 
 @pytest.mark.s3
-def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path):
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])])
+def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path, engine):
+    import ray
+
     from kneescreen.io.store import Store
 
+    # The Ray engine reads images in Ray workers, which take S3 credentials from their own
+    # environment (as on a cluster): a Ray started by an earlier test, before the S3 server set
+    # it, has none.
+    if engine == "ray":
+        ray.shutdown()
     root, _ = small_archive
     labels = list(csv.DictReader(open(root / "labels.csv")))[:8]
     for r in labels:
@@ -104,7 +112,7 @@ def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path):
     w.writeheader()
     w.writerows(labels)
     Store.resolve().write_bytes(f"s3://{s3_bucket}/coll/labels.csv", buf.getvalue().encode())
-    audit = run_split(f"s3://{s3_bucket}/coll/labels.csv", f"s3://{s3_bucket}/split", SplitConfig(folds=2))
+    audit = run_split(f"s3://{s3_bucket}/coll/labels.csv", f"s3://{s3_bucket}/split", SplitConfig(folds=2, engine=engine))
     assert audit["summary"]["kept"] == 8 and audit["summary"]["leaks"] == 0
     assert len(load_split(f"s3://{s3_bucket}/split")) == 8
 
@@ -116,3 +124,103 @@ def test_unknown_label_is_a_clear_error(tmp_path):
     (tmp_path / "labels.csv").write_text("key,label\na.png,broken-ish\n")
     with pytest.raises(KneescreenError, match="unknown label 'broken-ish'"):
         load_collection(str(tmp_path))
+
+
+def _partition(rows: list[dict], links: list[tuple[str, str]]) -> set[frozenset]:
+    """Connected components of keys under ``links`` plus same patient and same pixel hash: the
+    grouping the old all-pairs code computed, as a reference."""
+    parent = {r["key"]: r["key"] for r in rows}
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    first = {}
+    for r in rows:
+        for attr in ("patient", "pixel_hash"):
+            links.append((r["key"], first.setdefault((attr, r[attr]), r["key"])))
+    for a, b in links:
+        parent[find(a)] = find(b)
+    groups = {}
+    for r in rows:
+        groups.setdefault(find(r["key"]), set()).add(r["key"])
+    return {frozenset(g) for g in groups.values()}
+
+
+def _linked_collection(tmp_path):
+    """Dev-set subset with a labels.csv: one patient with two images, an exact copy and a near copy
+    of other images under new patients. Returns (root, keys, exact-copied key, near-copied key)."""
+    root = _dev_subset(tmp_path)
+    keys = [f"{c}/{f}" for c in ("normal", "osteopenia", "osteoporosis") for f in sorted(os.listdir(root / c))]
+    labels = [{"key": k, "label": k.split("/")[0], "patient_ref": f"P{i}"} for i, k in enumerate(keys)]
+    labels[1]["patient_ref"] = labels[0]["patient_ref"]  # one patient, two images
+    a, b = keys[3], keys[8]
+    Image.open(root / a).convert("L").save(root / "normal" / "exact-copy.png")  # same pixels, other patient
+    im = Image.open(root / b).convert("L")
+    im.resize((im.width // 2, im.height // 2)).save(root / "osteopenia" / "near-copy.jpg", quality=70)
+    labels += [{"key": "normal/exact-copy.png", "label": "normal", "patient_ref": "X1"},
+               {"key": "osteopenia/near-copy.jpg", "label": "osteopenia", "patient_ref": "X2"}]
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["key", "label", "patient_ref"])
+        w.writeheader()
+        w.writerows(labels)
+    return root, keys, a, b
+
+
+@needs_dev
+def test_duplicates_across_patients_stay_together_and_match_all_pairs(tmp_path):
+    import numpy as np
+
+    from kneescreen.data.fingerprints import all_pairs_near_duplicates, thumbnail
+
+    root, keys, a, b = _linked_collection(tmp_path)
+    audit = run_split(str(root), str(tmp_path / "out"), SplitConfig(folds=3, duplicates="group"))
+    rows = load_split(str(tmp_path / "out"))
+    by_key = {r["key"]: r for r in rows}
+    for x, y in ((a, "normal/exact-copy.png"), (b, "osteopenia/near-copy.jpg"), (keys[0], keys[1])):
+        assert (by_key[x]["group"], by_key[x]["split"], by_key[x]["fold"]) == \
+               (by_key[y]["group"], by_key[y]["split"], by_key[y]["fold"])
+    assert audit["summary"]["leaks"] == 0 and audit["summary"]["exact_duplicate_groups"] == 1
+    # The same groups and pair count as the exact all-pairs search over every kept image.
+    thumbs = np.stack([thumbnail(read_radiograph((root / r["key"]).read_bytes()).image) for r in rows])
+    pairs = all_pairs_near_duplicates(thumbs, SplitConfig().near_duplicate_corr)
+    assert audit["summary"]["near_duplicate_pairs"] == len(pairs) >= 2  # the near copy and the exact copy
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], set()).add(r["key"])
+    assert {frozenset(g) for g in by_group.values()} == _partition(rows, [(rows[i]["key"], rows[j]["key"]) for i, j in pairs])
+
+
+@needs_dev
+@pytest.mark.ray
+@pytest.mark.slow
+def test_local_and_ray_engines_write_the_same_split(tmp_path):
+    root, _, _, _ = _linked_collection(tmp_path)
+    audits = {}
+    for engine in ("local", "ray"):
+        cfg = SplitConfig(folds=3, duplicates="group", engine=engine)
+        audits[engine] = run_split(str(root), str(tmp_path / engine), cfg)
+        audits[engine].pop("config")
+    split = (tmp_path / "local" / "split.csv").read_text()
+    assert split == (tmp_path / "ray" / "split.csv").read_text() and split.count("\n") == 21  # header + 20 rows
+    assert (tmp_path / "local" / "duplicates.csv").read_text() == (tmp_path / "ray" / "duplicates.csv").read_text()
+    assert audits["local"] == audits["ray"]
+    s = audits["local"]["summary"]
+    assert s["exact_duplicate_groups"] == 1 and s["near_duplicate_pairs"] >= 2 and s["leaks"] == 0
+
+
+def test_auto_engine_splits_small_collections_in_process(small_archive, tmp_path, caplog):
+    from kneescreen.data.datasets import Item, choose_engine
+
+    root, _ = small_archive
+    with caplog.at_level("INFO", logger="kneescreen.data.datasets"):
+        run_split(str(root), str(tmp_path), SplitConfig(folds=2))
+    assert "with the local engine" in caplog.text
+    batches = [[Item(key=f"{b}-{i}", uri="", label="normal", patient="") for i in range(3)] for b in range(3)]
+    cfg = SplitConfig(local_max_images=5)
+    engine, rest = choose_engine(cfg, iter(batches))
+    assert engine == "ray" and [it.key for b in rest for it in b] == [it.key for b in batches for it in b]
+    assert choose_engine(SplitConfig(local_max_images=9), iter(batches))[0] == "local"
+    assert choose_engine(SplitConfig(engine="ray"), iter(batches))[0] == "ray"
+    assert choose_engine(SplitConfig(engine="local", local_max_images=1), iter(batches))[0] == "local"
