@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kneescreen.data.preprocess import ROI_MM, VIEW_INSTANCES, parse_input_key
 from kneescreen.errors import DecodeError
 
 _logger = logging.getLogger(__name__)
@@ -508,8 +509,6 @@ def view_inputs(image: np.ndarray, pixel_spacing: tuple[float, float] | None, ke
     Raises:
         DecodeError: ``joint_not_found`` when a view needs the joint and none is found.
     """
-    from kneescreen.data.preprocess import ROI_MM, VIEW_INSTANCES, parse_input_key
-
     wanted = [(k, *parse_input_key(k)) for k in keys]
     wanted = [w for w in wanted if w[1] != "img"]
     if not wanted:

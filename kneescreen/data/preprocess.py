@@ -93,6 +93,11 @@ def parse_input_key(key: str) -> tuple[str, int]:
     return view, int(size)
 
 
+def is_input_key(name: str) -> bool:
+    """Whether a column carries a member input (``img_*``, ``roi_*``, ``tiles_*``)."""
+    return name.startswith(tuple(f"{v}_" for v in VIEWS))
+
+
 def blank_input(key: str, n: int = 1) -> np.ndarray:
     """Zeros of the shape ``n`` rows of input ``key`` have (rows that could not be used)."""
     view, s = parse_input_key(key)

@@ -21,6 +21,7 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from kneescreen.data.decode import DecodeSpec, decode_batch
+from kneescreen.data.preprocess import is_input_key
 from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import Bundle
 from kneescreen.model.manifest import BundleManifest
@@ -40,10 +41,6 @@ def _column(values, field: pa.Field) -> pa.Array:
     return pa.array(vals, type=field.type)
 
 
-def _is_input(name: str) -> bool:
-    return name.startswith(("img_", "roi_", "tiles_"))
-
-
 def typed_table(cols: dict) -> pa.Table:
     """Stage output -> an Arrow table whose column types never depend on the values.
 
@@ -55,7 +52,7 @@ def typed_table(cols: dict) -> pa.Table:
     names, arrays = [], []
     for name, values in cols.items():
         names.append(name)
-        if _is_input(name):
+        if is_input_key(name):
             arrays.append(ArrowTensorArray.from_numpy(np.ascontiguousarray(values, dtype=np.uint8)))
         else:
             arrays.append(_column(values, PREDICTIONS.field(name)))
@@ -121,7 +118,7 @@ class EnsemblePredictor:
                     res["covariates_probs"][i] = pred.covariate_probs[j].tolist()
             res["infer_ms"][idx] = (time.perf_counter() - t0) * 1000 / len(idx)
             res["inferred_at"][idx] = started
-        out = {k: v for k, v in batch.items() if not _is_input(k)}
+        out = {k: v for k, v in batch.items() if not is_input_key(k)}
         out.update(res)
         return typed_table(out)
 

@@ -11,7 +11,7 @@ import numpy as np
 import ray
 
 from kneescreen.data.decode import DecodeSpec, decode_batch, ok_rows
-from kneescreen.data.preprocess import blank_input, parse_input_key
+from kneescreen.data.preprocess import blank_input, is_input_key, parse_input_key
 from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
 
@@ -23,7 +23,7 @@ def _decode_for_training(batch: dict, spec: DecodeSpec) -> dict:
     # Only what training needs, with fixed kinds (no all-null columns in some blocks).
     kept = {k: out[k] for k in _KEEP}
     kept["error_code"] = np.asarray([c or "" for c in out["error_code"]], dtype=object)
-    kept.update({k: v for k, v in out.items() if k.startswith(("img_", "roi_", "tiles_"))})
+    kept.update({k: v for k, v in out.items() if is_input_key(k)})
     return kept
 
 
