@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     from kneescreen._private.cluster import ensure_ray
     from kneescreen.io.store import Store
     from kneescreen.train.config import TrainConfig
+    from kneescreen.train.data import TrainingData
     from kneescreen.train.trainer import train_member
 
     p = argparse.ArgumentParser()
@@ -36,9 +37,9 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="train-workers-")
     for name in args.members.split(","):
         size = get_spec(name).input_size
-        data = {"images": {f"img_{size}": rng.integers(0, 255, (args.n, size, size), dtype=np.uint8)},
-                "label": rng.integers(0, 3, args.n)}
-        val = {"images": {f"img_{size}": data["images"][f"img_{size}"][:8]}, "label": data["label"][:8]}
+        images, labels = rng.integers(0, 255, (args.n, size, size), dtype=np.uint8), rng.integers(0, 3, args.n)
+        data = TrainingData.from_arrays({f"img_{size}": images}, labels)
+        val = TrainingData.from_arrays({f"img_{size}": images[:8]}, labels[:8])
         for workers, threads in ((1, 2), (2, 1)):
             cfg = TrainConfig(data="", out=work, members=(f"{name}:gray",), weights="none", image_size=0,
                               epochs=args.epochs, batch_size=16, num_workers=workers, cpus_per_worker=threads,

@@ -169,8 +169,11 @@ class Bundle:
     def predict(self, batches: dict[int, np.ndarray], ages=None, sexes=None) -> Prediction:
         """Calibrated ensemble prediction for a batch (``batches``: input key -> uint8 arrays, see
         `member_logits`)."""
-        n = len(next(iter(batches.values())))
-        logits = self.member_logits(batches)
+        return self.predict_logits(self.member_logits(batches), ages, sexes)
+
+    def predict_logits(self, logits: list[np.ndarray], ages=None, sexes=None) -> Prediction:
+        """`predict` from the members' logits computed elsewhere (Ray Data tasks in training)."""
+        n = len(logits[0])
         member_probs = [apply_temperature(lg, spec.temperature) for lg, spec in zip(logits, self.manifest.members)]
         image_probs, image_pred = self.image_ensemble(member_probs)
         probs, pred = image_probs.copy(), image_pred.copy()

@@ -22,22 +22,22 @@ from kneescreen.labels import CLASSES, age_band
 from kneescreen.metrics import binary_counts, classification_report
 from kneescreen.model.bundle import Bundle
 from kneescreen.train.config import TrainConfig
-from kneescreen.train.data import load_arrays, subset
-from kneescreen.train.evaluate import image_value, predictor_outputs
+from kneescreen.train.data import TrainingData, load_training_data
+from kneescreen.train.evaluate import image_value, predictor_outputs, with_logits
 from kneescreen.train.run import fit_bundle
 
 _logger = logging.getLogger(__name__)
 
 
-def _outer_fold(f: int, arrays: dict, cfg: TrainConfig, store: Store, oof: dict) -> str:
+def _outer_fold(f: int, data: TrainingData, cfg: TrainConfig, store: Store, oof: dict) -> str:
     """Fit the whole recipe (members, out-of-fold selection) without fold f; score fold f.
 
     Returns:
         The candidate the recipe deployed for this fold.
     """
-    manifest, states, _ = fit_bundle(arrays, arrays["fold"] != f, cfg, store)
+    manifest, states, _ = fit_bundle(data, data["fold"] != f, cfg, store)
     bundle = Bundle.from_states(dataclasses.replace(manifest, version=f"cv-fold{f}"), states)
-    test = subset(arrays, arrays["fold"] == f)
+    test = with_logits(bundle, data.where(data["fold"] == f))
     for name, (probs, pred) in predictor_outputs(bundle, test).items():
         # Each fold's recipe picks its own fusion rule: pool "image_ensemble" and "fused" by role.
         role = name.split(":", 1)[0] if name.startswith(("image_ensemble:", "fused:")) else name
@@ -80,16 +80,16 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
     run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
     k = 1 + max(r["fold"] for r in rows)
-    arrays = load_arrays(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
+    data = load_training_data(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
     oof: dict = {}
     labels, ages, sexes, tscores, deployed = [], [], [], [], []
     for f in range(k):
-        deployed.append(_outer_fold(f, arrays, cfg, store, oof))
-        m = arrays["fold"] == f
-        labels.append(arrays["label"][m])
-        ages += [a for a, keep in zip(arrays["age"], m) if keep]
-        sexes += [s for s, keep in zip(arrays["sex"], m) if keep]
-        tscores += [t for t, keep in zip(arrays["t_score"], m) if keep]
+        deployed.append(_outer_fold(f, data, cfg, store, oof))
+        m = data["fold"] == f
+        labels.append(data["label"][m])
+        ages += [a for a, keep in zip(data["age"], m) if keep]
+        sexes += [s for s, keep in zip(data["sex"], m) if keep]
+        tscores += [t for t, keep in zip(data["t_score"], m) if keep]
         _logger.info("fold %d/%d done", f + 1, k)
     y = np.concatenate(labels)
     # A predictor some fold's bundle lacks (e.g. no fused model when that fold's age/sex model

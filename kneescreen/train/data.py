@@ -1,21 +1,41 @@
-"""Split rows -> decoded, letterboxed arrays for training and evaluation.
+"""Split rows -> one decoded Ray Dataset in the object store, small per-row metadata on the driver.
 
-Decoding runs as Ray Data tasks through the shared `decode_batch` (the screening decoder), so
-training reads through the same `Store` (S3 endpoint included) and the same reader policies.
-Rows that cannot be used are left out and their error codes logged (`ok_rows`).
+    split rows (sorted by key, numbered ``row``) --from_items, ~128-row blocks-->
+      decode (Ray Data tasks: the screening decoder, `data.decode.decode_batch`)
+      --materialize--> decoded blocks in the object store: images never reach the driver
+      --select_columns(row, key, label, fold, ...)--> driver: `TrainingData.meta` (usable rows)
+    TrainingData.where(mask) -> the same blocks, rows picked by number in Ray Data tasks, for:
+      frozen members:  `map_model` (features, Ray Data tasks) -> the head fit in one Ray task
+      fine-tuned ones: `TrainingData.dataset` -> TorchTrainer datasets (per-worker shards)
+      scoring:         `bundle_logits` (Ray Data tasks) -> n x members x 3 logits to the driver
+
+Decoding runs through the shared `decode_batch`, so training reads through the same `Store` (S3
+endpoint included) and the same reader policies. Rows that cannot be used are left out and their
+error codes logged (`ok_rows`). The driver holds O(rows) metadata and logits, never images or
+features (docs/operations.md, "Training memory").
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import numpy as np
+import pyarrow as pa
 import ray
+import torch
 
 from kneescreen.data.decode import DecodeSpec, decode_batch, ok_rows
-from kneescreen.data.preprocess import blank_input, is_input_key, parse_input_key
+from kneescreen.data.preprocess import is_input_key, parse_input_key
 from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
 
-_KEEP = ("key", "label", "row_age", "row_sex", "row_t", "split", "fold", "status", "error_code")
+_KEEP = ("row", "key", "label", "row_age", "row_sex", "row_t", "split", "fold", "status", "error_code")
+# Decoded rows per block: every later selection runs one task per block, so not Ray's default
+# for from_items (~200 blocks whatever the size: 10-row blocks at 2,000 images).
+BLOCK_ROWS = 128
+# Rows per inference call in the feature and scoring tasks.
+INFER_BATCH = 64
 
 
 def _decode_for_training(batch: dict, spec: DecodeSpec) -> dict:
@@ -27,8 +47,93 @@ def _decode_for_training(batch: dict, spec: DecodeSpec) -> dict:
     return kept
 
 
-def load_arrays(rows: list[dict], inputs, store: Store) -> dict:
-    """Decode split rows with Ray Data tasks.
+def _pick(table: pa.Table, pick, columns: list[str]) -> pa.Table:
+    """The rows of a block whose number ``pick`` (a bool array over all rows, or its ref) marks."""
+    mask = ray.get(pick) if isinstance(pick, ray.ObjectRef) else pick
+    keep = mask[table["row"].to_numpy()]
+    return table.filter(pa.array(keep)).select(columns)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Decoded rows: the blocks stay in the object store, the small per-row columns on the driver.
+
+    Attributes:
+        base: the materialized decoded dataset (every row, errors included, column ``row``
+            numbering them).
+        meta: ``row``, ``label``, ``key``, ``split``, ``fold`` arrays and ``age``/``sex``/``t_score``
+            lists of the usable rows of this selection, in key order (``data["label"]`` reads them).
+        inputs: the image columns (member input keys) the blocks carry.
+        n_rows: rows in ``base`` (the length of a selection mask over row numbers).
+    """
+
+    base: ray.data.Dataset
+    meta: dict
+    inputs: tuple[str, ...]
+    n_rows: int
+
+    def __getitem__(self, name: str):
+        return self.meta[name]
+
+    def __len__(self) -> int:
+        return len(self.meta["row"])
+
+    def where(self, mask: np.ndarray) -> TrainingData:
+        """The rows where ``mask`` (aligned with ``meta``) holds; lazy, nothing is read."""
+        idx = np.nonzero(np.asarray(mask, bool))[0]
+        meta = {k: v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx] for k, v in self.meta.items()}
+        return TrainingData(self.base, meta, self.inputs, self.n_rows)
+
+    def dataset(self, columns: list[str]) -> ray.data.Dataset:
+        """These rows as a lazy Ray Dataset of ``columns``, picked by row number in Ray Data tasks."""
+        pick = np.zeros(self.n_rows, bool)
+        pick[self.meta["row"]] = True
+        return self.base.map_batches(_pick, batch_format="pyarrow", batch_size=None,
+                                     fn_kwargs={"pick": ray.put(pick), "columns": list(columns)})
+
+    @classmethod
+    def from_arrays(cls, images: dict[str, np.ndarray], labels: np.ndarray) -> TrainingData:
+        """In-memory images (input key -> uint8 array) and labels as training rows (benchmarks)."""
+        n = len(labels)
+        items = [{"row": i, "key": f"{i:08d}", "label": int(labels[i]), **{k: v[i] for k, v in images.items()}}
+                 for i in range(n)]
+        meta = {"row": np.arange(n), "key": np.asarray([it["key"] for it in items], object),
+                "label": np.asarray(labels, int), "split": np.full(n, "train", object), "fold": np.zeros(n, int),
+                "age": [None] * n, "sex": [None] * n, "t_score": [None] * n}
+        base = ray.data.from_items(items, override_num_blocks=_blocks(n)).materialize()
+        return cls(base, meta, tuple(sorted(images)), n)
+
+
+def _blocks(n: int) -> int:
+    cpus = int(ray.cluster_resources().get("CPU", 2))
+    return max(1, min(n, max(2 * cpus, n // BLOCK_ROWS)))
+
+
+def _meta(base: ray.data.Dataset) -> dict:
+    """The usable rows' small columns, read back in record batches (no per-row dicts)."""
+    parts: dict[str, list] = {k: [] for k in _KEEP}
+    for batch in base.select_columns(list(_KEEP)).iter_batches(batch_format="numpy", batch_size=4096):
+        for k in _KEEP:
+            parts[k].append(batch[k])
+    cols = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    order = np.argsort(cols["row"], kind="stable")
+    cols = {k: v[order] for k, v in cols.items()}
+    bad = cols["status"] != "ok"
+    if bad.any():  # logged by code, as the screening decoder's rows would be
+        ok_rows([{"status": s, "error_code": e} for s, e in zip(cols["status"][bad], cols["error_code"][bad])],
+                "training data")
+    ok = ~bad
+    age, t = cols["row_age"][ok].astype(float), cols["row_t"][ok].astype(float)
+    return {"row": cols["row"][ok].astype(np.int64), "key": cols["key"][ok].astype(object),
+            "label": cols["label"][ok].astype(int), "split": cols["split"][ok].astype(object),
+            "fold": cols["fold"][ok].astype(int),
+            "age": [None if np.isnan(a) else float(a) for a in age],
+            "sex": [str(s) or None for s in cols["row_sex"][ok]],
+            "t_score": [None if np.isnan(v) else float(v) for v in t]}
+
+
+def load_training_data(rows: list[dict], inputs, store: Store) -> TrainingData:
+    """Decode split rows with Ray Data tasks into the object store.
 
     Args:
         rows: split rows (`kneescreen.data.datasets.load_split`).
@@ -36,34 +141,88 @@ def load_arrays(rows: list[dict], inputs, store: Store) -> dict:
         store: where the images live.
 
     Returns:
-        ``label``, ``key``, ``split``, ``fold`` arrays, ``age``/``sex``/``t_score`` lists (from the labels,
-        not the headers) and ``images``: input key -> uint8 array, sorted by key. Films whose
-        knee joint is not found are left out (logged) when a native view is asked for.
+        `TrainingData`: the decoded blocks (materialized once, reused by every fold and member)
+        and the metadata of the usable rows. Films whose knee joint is not found are left out
+        (logged) when a native view is asked for.
     """
     keys = sorted({f"img_{k}" if isinstance(k, (int, np.integer)) else k for k in inputs})
     sizes = tuple(parse_input_key(k)[1] for k in keys if k.startswith("img_"))
-    items = [{"uri": r["uri"], "key": r["key"], "label": CLASSES.index(r["label"]),
+    items = [{"row": i, "uri": r["uri"], "key": r["key"], "label": CLASSES.index(r["label"]),
               "row_age": np.nan if r.get("age") is None else float(r["age"]), "row_sex": r.get("sex") or "",
               "row_t": np.nan if r.get("t_score") is None else float(r["t_score"]),
-              "split": r["split"], "fold": int(r["fold"])} for r in rows]
+              "split": r["split"], "fold": int(r["fold"])}
+             for i, r in enumerate(sorted(rows, key=lambda r: r["key"]))]
     spec = DecodeSpec(store=store, sizes=sizes, views=tuple(k for k in keys if not k.startswith("img_")),
                       root=None, body_part_policy="keep")
-    ds = ray.data.from_items(items).map_batches(_decode_for_training, fn_kwargs={"spec": spec}, batch_size=8)
-    got = sorted(ok_rows(ds.take_all(), "training data"), key=lambda g: g["key"])
-    arrays = {k: np.asarray([g[k] for g in got]) for k in ("label", "split", "fold", "key")}
-    arrays["age"] = [None if np.isnan(g["row_age"]) else float(g["row_age"]) for g in got]
-    arrays["sex"] = [g["row_sex"] or None for g in got]
-    arrays["t_score"] = [None if np.isnan(g["row_t"]) else float(g["row_t"]) for g in got]
-    arrays["images"] = {k: np.stack([g[k] for g in got]) if got else blank_input(k, 0) for k in keys}
-    return arrays
+    decoded = ray.data.from_items(items, override_num_blocks=_blocks(len(items))).map_batches(
+        _decode_for_training, fn_kwargs={"spec": spec}, batch_size=8)
+    # The object store, not the driver heap: every fold and member reads these blocks again.
+    base = decoded.materialize()
+    return TrainingData(base, _meta(base), tuple(keys), len(items))
 
 
-def subset(arrays: dict, mask: np.ndarray) -> dict:
-    """The rows of ``arrays`` where ``mask`` holds (label, key, age, sex, images)."""
-    idx = np.nonzero(mask)[0]
-    return {
-        "label": arrays["label"][idx], "key": arrays["key"][idx],
-        "age": [arrays["age"][i] for i in idx], "sex": [arrays["sex"][i] for i in idx],
-        "t_score": [arrays["t_score"][i] for i in idx] if "t_score" in arrays else [None] * len(idx),
-        "images": {s: v[idx] for s, v in arrays["images"].items()},
-    }
+# Models built in a Ray worker process, by payload: tasks of one map reuse them (at most 2 kept).
+_MODELS: OrderedDict = OrderedDict()
+
+
+def _cached(payload, build):
+    key = payload.hex() if isinstance(payload, ray.ObjectRef) else id(payload)
+    if key not in _MODELS:
+        _MODELS[key] = build(ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload)
+        while len(_MODELS) > 2:
+            _MODELS.popitem(last=False)
+    return _MODELS[key]
+
+
+def _apply(batch: dict, payload, build, fn) -> dict:
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        return {"row": batch["row"], "out": fn(_cached(payload, build), batch)}
+
+
+def map_model(data: TrainingData, columns: list[str], payload: dict, build, fn) -> ray.data.Dataset:
+    """``fn(model, batch)`` over the rows of ``data`` in Ray Data tasks -> dataset of (row, out).
+
+    Args:
+        payload: what ``build`` needs (state dicts, settings); put in the object store once.
+        build: payload -> model, called once per worker process and payload (cached there).
+        fn: (model, numpy batch of ``columns``) -> one output array row per input row.
+    """
+    return data.dataset(["row", *columns]).map_batches(
+        _apply, batch_size=INFER_BATCH, fn_kwargs={"payload": ray.put(payload), "build": build, "fn": fn})
+
+
+def collect(ds: ray.data.Dataset, data: TrainingData) -> np.ndarray:
+    """The ``out`` column of a `map_model` dataset in the order of ``data.meta`` (small outputs only)."""
+    rows, outs = [], []
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        rows.append(batch["row"])
+        outs.append(batch["out"])
+    if not rows:
+        return np.zeros((0,))
+    rows, outs = np.concatenate(rows), np.concatenate(outs)
+    order = np.argsort(rows, kind="stable")
+    if not np.array_equal(rows[order], data["row"]):
+        raise RuntimeError("scoring returned other rows than were sent")
+    return outs[order]
+
+
+def _score_build(p: dict):
+    from kneescreen.model.bundle import Bundle
+
+    return Bundle.from_states(p["manifest"], p["states"])
+
+
+def _score(bundle, batch: dict) -> np.ndarray:
+    logits = bundle.member_logits({k: batch[k] for k in bundle.manifest.input_keys}, batch_size=INFER_BATCH)
+    return np.stack(logits, 1).astype(np.float32)
+
+
+def bundle_logits(data: TrainingData, manifest, states: list[dict]) -> list[np.ndarray]:
+    """Each member's logits on the rows of ``data`` (aligned with its meta), computed in Ray Data
+    tasks from the decoded blocks; only (n, 3) arrays per member reach the driver."""
+    if not len(data):
+        return [np.zeros((0, len(CLASSES))) for _ in manifest.members]
+    ds = map_model(data, list(manifest.input_keys), {"manifest": manifest, "states": states}, _score_build, _score)
+    logits = collect(ds, data).astype(np.float64)
+    return [logits[:, i] for i in range(len(manifest.members))]

@@ -17,15 +17,29 @@ from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES, age_band
 from kneescreen.metrics import binary_counts, classification_report, paired_bootstrap, partial_spearman
 from kneescreen.model.bundle import Bundle, load_bundle
-from kneescreen.train.data import load_arrays, subset
+from kneescreen.train.data import TrainingData, bundle_logits, load_training_data
 
 _logger = logging.getLogger(__name__)
 
 
+def with_logits(bundle: Bundle, data: TrainingData) -> dict:
+    """The rows' metadata plus ``member_logits``: every member's logits, computed in Ray Data tasks
+    from the decoded blocks (the images never reach the driver)."""
+    return {**data.meta, "member_logits": bundle_logits(data, bundle.manifest, bundle.states())}
+
+
 def predictor_outputs(bundle: Bundle, data: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (probs, pred): members, the image ensemble, covariates-only, the fused model (kept in
-    every bundle with age/sex, deployed or not) and ``deployed`` (what screening writes)."""
-    pred = bundle.predict(data["images"], data["age"], data["sex"])
+    every bundle with age/sex, deployed or not) and ``deployed`` (what screening writes).
+
+    Args:
+        data: ``label``, ``age``, ``sex`` and either ``member_logits`` (`with_logits`) or
+            ``images`` (input key -> uint8 arrays, scored here).
+    """
+    if "member_logits" in data:
+        pred = bundle.predict_logits(data["member_logits"], data["age"], data["sex"])
+    else:
+        pred = bundle.predict(data["images"], data["age"], data["sex"])
     rule = bundle.manifest.fusion.method
     out = {}
     for spec, p in zip(bundle.manifest.members, pred.member_probs):
@@ -78,8 +92,14 @@ def _by_age_band(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, ages: list)
     return bands
 
 
-def evaluate_arrays(bundle: Bundle, data: dict, n_boot: int = 1000) -> dict:
-    """Every predictor of ``bundle`` on labelled arrays, with intervals (JSON-ready dict)."""
+def evaluate_arrays(bundle: Bundle, data, n_boot: int = 1000) -> dict:
+    """Every predictor of ``bundle`` on labelled rows, with intervals (JSON-ready dict).
+
+    Args:
+        data: `TrainingData` (scored in Ray Data tasks) or a dict as `predictor_outputs` takes.
+    """
+    if isinstance(data, TrainingData):
+        data = with_logits(bundle, data)
     y = np.asarray(data["label"], int)
     report = {"bundle_version": bundle.version, "n": int(len(y)), "predictors": {}}
     outputs = predictor_outputs(bundle, data)
@@ -96,7 +116,7 @@ def evaluate_arrays(bundle: Bundle, data: dict, n_boot: int = 1000) -> dict:
     return report
 
 
-def evaluate_bundle(bundle_uri: str, data: dict, store: Store | None = None, n_boot: int = 1000) -> dict:
+def evaluate_bundle(bundle_uri: str, data, store: Store | None = None, n_boot: int = 1000) -> dict:
     return evaluate_arrays(load_bundle(bundle_uri, store=store), data, n_boot=n_boot)
 
 
@@ -178,8 +198,7 @@ def run_evaluate(cfg: EvaluateConfig, store: Store | None = None) -> dict:
     ensure_ray()
     bundle = load_bundle(cfg.bundle, store=store)
     rows = [r for r in load_split(cfg.split_dir, store) if r["split"] == cfg.split]
-    arrays = load_arrays(rows, bundle.manifest.input_keys, store)
-    report = evaluate_arrays(bundle, subset(arrays, np.ones(len(arrays["label"]), bool)))
+    report = evaluate_arrays(bundle, load_training_data(rows, bundle.manifest.input_keys, store))
     print(format_table(report))
     out_dir = cfg.out or join(cfg.bundle, "evaluation")
     store.write_bytes(join(out_dir, f"{cfg.split}.json"), json.dumps(report, indent=2, default=float).encode())

@@ -4,7 +4,8 @@ The split's patient-level folds (leak-free groups, stratified by class) are reus
 ``oof_folds``. For each fold f every model is fit on the other folds and scores fold f, so each
 image is predicted once by a model that never saw it:
 
-- frozen members: features are computed once; only the shrinkage head is refit per fold (seconds);
+- frozen members: features are computed once (Ray Data tasks, kept in the object store); only the
+  shrinkage head is refit per fold (seconds, in one Ray task);
 - fine-tuned members: one Ray Train run per fold (trained on k-2 folds, early stopping on the
   next fold; so at least 3 folds) — k times the cost of one run, which is why the default member
   is frozen;
@@ -20,48 +21,81 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import ray
 
 from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
-from kneescreen.model.bundle import Bundle
 from kneescreen.model.covariates import LogisticModel, covariate_features
 from kneescreen.model.ensemble import member_manifest
 from kneescreen.model.frozen import bake_head, extract_features, fit_head
 from kneescreen.model.manifest import BundleManifest, Threshold, Thresholds
 from kneescreen.model.registry import create_model, normalisation
 from kneescreen.train.config import MemberSpec, TrainConfig
-from kneescreen.train.data import subset
+from kneescreen.train.data import TrainingData, bundle_logits, map_model
 from kneescreen.train.trainer import train_member
 
 _logger = logging.getLogger(__name__)
 MIN_COVARIATE_ROWS = 10
 
 
-def _frozen(member: MemberSpec, dev: dict, folds: np.ndarray, store: Store) -> tuple[np.ndarray, dict, dict]:
-    """(out-of-fold logits, final state dict, notes) of a frozen-feature member."""
-    mean, std = normalisation(member.architecture, member.input_mode)
-    model = create_model(member.architecture, len(CLASSES), member.input_mode, member.weights, store=store)
-    feats = extract_features(model, dev["images"][member.input_key], member.input_mode, mean, std)
-    y = dev["label"]
+def _feature_build(p: dict):
+    model = create_model(p["architecture"], len(CLASSES), p["input_mode"], weights=None)
+    model.load_state_dict(p["state"])
+    return model, p
+
+
+def _features(built, batch: dict) -> np.ndarray:
+    model, p = built
+    return extract_features(model, batch[p["input_key"]], p["input_mode"], p["mean"], p["std"]).astype(np.float32)
+
+
+@ray.remote(num_cpus=1)
+def _fit_frozen_heads(features: ray.data.Dataset, rows: np.ndarray, y: np.ndarray, folds: np.ndarray):
+    """In a Ray task (the n x d features never reach the driver): a shrinkage head per fold scores
+    that fold, then the final head on all rows. Returns (out-of-fold logits, (head, mu, sd, l2), d)."""
+    got_rows, parts = [], []
+    for batch in features.iter_batches(batch_format="numpy", batch_size=None):
+        got_rows.append(batch["row"])
+        parts.append(batch["out"])
+    got_rows = np.concatenate(got_rows)
+    order = np.argsort(got_rows, kind="stable")
+    if not np.array_equal(got_rows[order], rows):
+        raise RuntimeError("frozen features came back for other rows than were sent")
+    feats = np.concatenate(parts)[order]
+    del parts
     logits = np.zeros((len(y), len(CLASSES)))
     for f in np.unique(folds):
         tr = folds != f
         head, mu, sd, _ = fit_head(feats[tr], y[tr], len(CLASSES), folds=folds[tr])
         logits[~tr] = ((feats[~tr] - mu) / sd) @ head.coef + head.bias
-    head, mu, sd, l2 = fit_head(feats, y, len(CLASSES), folds=folds)
+    return logits, fit_head(feats, y, len(CLASSES), folds=folds), feats.shape[1]
+
+
+def _frozen(member: MemberSpec, dev: TrainingData, folds: np.ndarray, store: Store) -> tuple[np.ndarray, dict, dict]:
+    """(out-of-fold logits, final state dict, notes) of a frozen-feature member.
+
+    Features are computed in Ray Data tasks from the decoded blocks and kept in the object store;
+    the heads are fit in one Ray task; the driver builds the model once (weights read from
+    ``store``) and bakes the final head into it."""
+    mean, std = normalisation(member.architecture, member.input_mode)
+    model = create_model(member.architecture, len(CLASSES), member.input_mode, member.weights, store=store)
+    payload = {"architecture": member.architecture, "input_mode": member.input_mode, "input_key": member.input_key,
+               "mean": mean, "std": std, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    features = map_model(dev, [member.input_key], payload, _feature_build, _features).materialize()
+    logits, (head, mu, sd, l2), dim = ray.get(_fit_frozen_heads.remote(features, dev["row"], dev["label"], folds))
     bake_head(model, head, mu, sd)
-    return logits, {k: v.detach().cpu() for k, v in model.state_dict().items()}, {"l2": l2, "features": feats.shape[1]}
+    return logits, {k: v.detach().cpu() for k, v in model.state_dict().items()}, {"l2": l2, "features": dim}
 
 
-def _logits_of(member: MemberSpec, state: dict, images: np.ndarray) -> np.ndarray:
+def _logits_of(member: MemberSpec, state: dict, rows: TrainingData) -> np.ndarray:
     draft = BundleManifest(members=(member_manifest(member.architecture, member.input_mode, member.size(), None,
                                                     view=member.view),),
                            thresholds=Thresholds(Threshold(0.5), Threshold(0.5)))
-    return Bundle.from_states(draft, [state]).member_logits({member.input_key: images})[0]
+    return bundle_logits(rows, draft, [state])[0]
 
 
-def _finetuned(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: TrainConfig, store: Store,
-               final: tuple[dict, dict]) -> tuple[np.ndarray, dict, dict]:
+def _finetuned(member: MemberSpec, dev: TrainingData, folds: np.ndarray, cfg: TrainConfig, store: Store,
+               final: tuple[TrainingData, TrainingData]) -> tuple[np.ndarray, dict, dict]:
     """(out-of-fold logits, final state dict, history) of a fine-tuned member."""
     # The deployable run first: its name is the run's own, so an interrupted training resumes the
     # model users get before spending time on the out-of-fold runs.
@@ -71,19 +105,20 @@ def _finetuned(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: TrainConfi
     for i, f in enumerate(ids):
         val_f = ids[(i + 1) % len(ids)]
         fit = (folds != f) & (folds != val_f)
-        fold_state, _ = train_member(member, subset(dev, fit), subset(dev, folds == val_f), cfg,
+        fold_state, _ = train_member(member, dev.where(fit), dev.where(folds == val_f), cfg,
                                      f"{cfg.name}-oof{f}-{member.name}", store)
-        logits[folds == f] = _logits_of(member, fold_state, dev["images"][member.input_key][folds == f])
+        logits[folds == f] = _logits_of(member, fold_state, dev.where(folds == f))
     return logits, state, {"history": history}
 
 
-def member_out_of_fold(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: TrainConfig, store: Store,
-                       final: tuple[dict, dict]) -> tuple[np.ndarray, dict, dict]:
+def member_out_of_fold(member: MemberSpec, dev: TrainingData, folds: np.ndarray, cfg: TrainConfig, store: Store,
+                       final: tuple[TrainingData, TrainingData]) -> tuple[np.ndarray, dict, dict]:
     """Out-of-fold logits, the deployable state dict and training notes of one member.
 
     Args:
-        dev: arrays of every non-test image; folds: fold id per dev image.
-        final: (train, val) arrays for the final fine-tuning run (fine-tuned members only).
+        dev: every non-test image (decoded blocks in the object store, metadata here);
+            folds: fold id per dev image (aligned with ``dev.meta``).
+        final: (train, val) rows for the final fine-tuning run (fine-tuned members only).
     """
     _logger.info("member %s (%s): out-of-fold predictions over %d folds", member.name, member.head, len(np.unique(folds)))
     if member.head == "frozen":
@@ -91,7 +126,7 @@ def member_out_of_fold(member: MemberSpec, dev: dict, folds: np.ndarray, cfg: Tr
     return _finetuned(member, dev, folds, cfg, store, final)
 
 
-def covariate_out_of_fold(dev: dict, folds: np.ndarray):
+def covariate_out_of_fold(dev, folds: np.ndarray):
     """(out-of-fold probs, imputed mask, final model, age mean, age sd), or None without age/sex."""
     ages = [a for a in dev["age"] if a is not None]
     age_mean = float(np.mean(ages)) if ages else 65.0

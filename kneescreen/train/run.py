@@ -1,6 +1,7 @@
 """`run_train`: split -> out-of-fold predictions -> deployed predictor -> bundle -> test evaluation.
 
-    split.csv --decode (Ray Data tasks, shared decoder)--> uint8 letterboxed images per size
+    split.csv --decode (Ray Data tasks, shared decoder)--> uint8 inputs per input key, in the object
+      store (train.data.TrainingData; the driver keeps keys, labels, folds, ages)
       -> every non-test image, patient-level folds (train.oof):
            frozen members: features once, shrinkage head per fold; fine-tuned members: one
            TorchTrainer run per fold; the age/sex model per fold
@@ -28,7 +29,7 @@ from kneescreen.model.bundle import save_bundle
 from kneescreen.model.ensemble import CovariateFit, fit_ensemble, member_manifest
 from kneescreen.model.manifest import BundleManifest
 from kneescreen.train.config import TrainConfig
-from kneescreen.train.data import load_arrays, subset
+from kneescreen.train.data import TrainingData, load_training_data
 from kneescreen.train.evaluate import evaluate_bundle
 from kneescreen.train.oof import covariate_out_of_fold, member_out_of_fold
 
@@ -43,27 +44,28 @@ def training_fingerprint(rows: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_split_arrays(cfg: TrainConfig, store: Store) -> tuple[list[dict], dict]:
+def _load_split_data(cfg: TrainConfig, store: Store) -> tuple[list[dict], TrainingData]:
     split_dir = cfg.split_dir or join(cfg.out, "split")
     if not store.exists(join(split_dir, "split.csv")):
         run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
-    return rows, load_arrays(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
+    return rows, load_training_data(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
 
 
-def fit_bundle(arrays: dict, dev_mask: np.ndarray, cfg: TrainConfig, store: Store) -> tuple[BundleManifest, list, dict]:
-    """Members, out-of-fold selection and the manifest from the ``dev_mask`` rows of ``arrays``.
+def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store: Store
+               ) -> tuple[BundleManifest, list, dict]:
+    """Members, out-of-fold selection and the manifest from the ``dev_mask`` rows of ``data``.
 
     Used by `run_train` (every non-test image) and by cross-validation (all but the outer fold).
 
     Returns:
         (manifest without files/version, member state dicts, per-member training notes)
     """
-    dev = subset(arrays, dev_mask)
-    folds = arrays["fold"][dev_mask] % cfg.oof_folds
+    dev = data.where(dev_mask)
+    folds = dev["fold"] % cfg.oof_folds
     # Fine-tuned members' deployable run: early stopping on one inner fold, training on the rest.
     last = folds.max()
-    final = (subset(dev, folds != last), subset(dev, folds == last))
+    final = (dev.where(folds != last), dev.where(folds == last))
     logits, states, notes, members = [], [], {}, []
     for spec in cfg.member_specs():
         lg, state, note = member_out_of_fold(spec, dev, folds, cfg, store, final)
@@ -104,18 +106,18 @@ def run_train(cfg: TrainConfig, store: Store | None = None) -> dict:
     cfg.validate()
     store = store or Store.resolve(cfg.endpoint_url)
     ensure_ray()
-    rows, arrays = _load_split_arrays(cfg, store)
-    dev_mask = arrays["split"] != "test"
+    rows, data = _load_split_data(cfg, store)
+    dev_mask = data["split"] != "test"
     _logger.info("fitting on %d images (%d folds), testing on %d", int(dev_mask.sum()), cfg.oof_folds,
                  int((~dev_mask).sum()))
-    manifest, states, notes = fit_bundle(arrays, dev_mask, cfg, store)
+    manifest, states, notes = fit_bundle(data, dev_mask, cfg, store)
     manifest = dataclasses.replace(
         manifest, train_config=to_flat_dict(cfg), history=_history(notes),
         training_data={"source": cfg.data, "fingerprint": training_fingerprint(rows),
-                       "n": {s: int((arrays["split"] == s).sum()) for s in ("train", "val", "test")}})
+                       "n": {s: int((data["split"] == s).sum()) for s in ("train", "val", "test")}})
     version = save_bundle(cfg.out, manifest, states, store)
     store.write_bytes(join(cfg.out, "train_config.yaml"), dump_yaml(cfg).encode())
     _logger.info("bundle %s written to %s", version, cfg.out)
-    report = evaluate_bundle(cfg.out, subset(arrays, ~dev_mask), store=store)
+    report = evaluate_bundle(cfg.out, data.where(~dev_mask), store=store)
     store.write_bytes(join(cfg.out, "evaluation", "test.json"), json.dumps(report, indent=2, default=float).encode())
     return {"bundle": cfg.out, "version": version, "selection": manifest.selection, "test": report}

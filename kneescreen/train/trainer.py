@@ -1,4 +1,10 @@
-"""One member's fine-tuning run on Ray Train (`TorchTrainer`, the loop in `train.loop`)."""
+"""One member's fine-tuning run on Ray Train (`TorchTrainer`, the loop in `train.loop`).
+
+The train and validation rows are picked from the decoded blocks in the object store
+(`TrainingData.dataset`) and materialized there once per run, so epochs re-read blocks instead of
+re-picking rows; each worker's shard streams from there (`get_dataset_shard`), never through the
+driver.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +20,22 @@ from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
 from kneescreen.model.registry import normalisation
 from kneescreen.train.config import MemberSpec, TrainConfig
+from kneescreen.train.data import TrainingData
 from kneescreen.train.loop import train_loop
 
 
-def train_member(member: MemberSpec, train: dict, val: dict, cfg: TrainConfig, run_name: str, store: Store):
+def _run_dataset(rows: TrainingData, key: str) -> ray.data.Dataset:
+    ds = rows.dataset([key, "label"])
+    # Same rows, same order, every run: the local shuffle's seed then gives reproducible epochs.
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
+
+
+def train_member(member: MemberSpec, train: TrainingData, val: TrainingData, cfg: TrainConfig, run_name: str,
+                 store: Store):
     """Fine-tune one member with TorchTrainer. Returns (best state dict, metrics history)."""
     key = member.input_key
-    train_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(train["images"][key], train["label"])])
-    val_ds = ray.data.from_items([{key: im, "label": int(y)} for im, y in zip(val["images"][key], val["label"])])
+    train_ds, val_ds = _run_dataset(train, key), _run_dataset(val, key)
     mean, std = normalisation(member.architecture, member.input_mode)
     fs, storage_path = store.filesystem(cfg.checkpoints())
     trainer = TorchTrainer(
