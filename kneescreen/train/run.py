@@ -44,12 +44,14 @@ def training_fingerprint(rows: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_split_data(cfg: TrainConfig, store: Store) -> tuple[list[dict], TrainingData]:
+def _load_split_data(cfg: TrainConfig, store: Store) -> tuple[str, TrainingData]:
+    """(training fingerprint, decoded rows); the split's row dicts are dropped once decoded."""
     split_dir = cfg.split_dir or join(cfg.out, "split")
     if not store.exists(join(split_dir, "split.csv")):
         run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
-    return rows, load_training_data(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
+    inputs = sorted({m.input_key for m in cfg.member_specs()})
+    return training_fingerprint(rows), load_training_data(rows, inputs, store)
 
 
 def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store: Store
@@ -106,14 +108,14 @@ def run_train(cfg: TrainConfig, store: Store | None = None) -> dict:
     cfg.validate()
     store = store or Store.resolve(cfg.endpoint_url)
     ensure_ray()
-    rows, data = _load_split_data(cfg, store)
+    fingerprint, data = _load_split_data(cfg, store)
     dev_mask = data["split"] != "test"
     _logger.info("fitting on %d images (%d folds), testing on %d", int(dev_mask.sum()), cfg.oof_folds,
                  int((~dev_mask).sum()))
     manifest, states, notes = fit_bundle(data, dev_mask, cfg, store)
     manifest = dataclasses.replace(
         manifest, train_config=to_flat_dict(cfg), history=_history(notes),
-        training_data={"source": cfg.data, "fingerprint": training_fingerprint(rows),
+        training_data={"source": cfg.data, "fingerprint": fingerprint,
                        "n": {s: int((data["split"] == s).sum()) for s in ("train", "val", "test")}})
     version = save_bundle(cfg.out, manifest, states, store)
     store.write_bytes(join(cfg.out, "train_config.yaml"), dump_yaml(cfg).encode())
