@@ -126,8 +126,8 @@ def test_training_never_brings_images_or_features_to_the_driver(ray_local, train
         watch(name)
     collect = train_data.collect
 
-    def watched_collect(ds, data):
-        out = collect(ds, data)
+    def watched_collect(ds, rows):
+        out = collect(ds, rows)
         shapes.append(out.shape)
         return out
     monkeypatch.setattr(train_data, "collect", watched_collect)

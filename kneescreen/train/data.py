@@ -47,10 +47,9 @@ def _decode_for_training(batch: dict, spec: DecodeSpec) -> dict:
     return kept
 
 
-def _pick(table: pa.Table, pick, columns: list[str]) -> pa.Table:
-    """The rows of a block whose number ``pick`` (a bool array over all rows, or its ref) marks."""
-    mask = ray.get(pick) if isinstance(pick, ray.ObjectRef) else pick
-    keep = mask[table["row"].to_numpy()]
+def _pick(table: pa.Table, pick: ray.ObjectRef, columns: list[str]) -> pa.Table:
+    """The rows of a block whose number ``pick`` (the ref of a bool array over all rows) marks."""
+    keep = ray.get(pick)[table["row"].to_numpy()]
     return table.filter(pa.array(keep)).select(columns)
 
 
@@ -165,17 +164,17 @@ def load_training_data(rows: list[dict], inputs, store: Store) -> TrainingData:
 _MODELS: OrderedDict = OrderedDict()
 
 
-def _cached(payload, build):
-    key = payload.hex() if isinstance(payload, ray.ObjectRef) else id(payload)
+def _cached(payload: ray.ObjectRef, build):
+    key = payload.hex()
     if key not in _MODELS:
-        _MODELS[key] = build(ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload)
+        torch.set_num_threads(1)  # one task per CPU: tasks, not threads, give the parallelism
+        _MODELS[key] = build(ray.get(payload))
         while len(_MODELS) > 2:
             _MODELS.popitem(last=False)
     return _MODELS[key]
 
 
-def _apply(batch: dict, payload, build, fn) -> dict:
-    torch.set_num_threads(1)
+def _apply(batch: dict, payload: ray.ObjectRef, build, fn) -> dict:
     with torch.no_grad():
         return {"row": batch["row"], "out": fn(_cached(payload, build), batch)}
 
@@ -192,18 +191,22 @@ def map_model(data: TrainingData, columns: list[str], payload: dict, build, fn) 
         _apply, batch_size=INFER_BATCH, fn_kwargs={"payload": ray.put(payload), "build": build, "fn": fn})
 
 
-def collect(ds: ray.data.Dataset, data: TrainingData) -> np.ndarray:
-    """The ``out`` column of a `map_model` dataset in the order of ``data.meta`` (small outputs only)."""
-    rows, outs = [], []
+def collect(ds: ray.data.Dataset, rows: np.ndarray) -> np.ndarray:
+    """The ``out`` column of a `map_model` dataset in the order of ``rows`` (``data["row"]``).
+
+    Raises:
+        RuntimeError: the dataset holds other rows than ``rows``.
+    """
+    got, outs = [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        rows.append(batch["row"])
+        got.append(batch["row"])
         outs.append(batch["out"])
-    if not rows:
+    if not got:
         return np.zeros((0,))
-    rows, outs = np.concatenate(rows), np.concatenate(outs)
-    order = np.argsort(rows, kind="stable")
-    if not np.array_equal(rows[order], data["row"]):
-        raise RuntimeError("scoring returned other rows than were sent")
+    got, outs = np.concatenate(got), np.concatenate(outs)
+    order = np.argsort(got, kind="stable")
+    if not np.array_equal(got[order], rows):
+        raise RuntimeError("a Ray Data map returned other rows than were sent")
     return outs[order]
 
 
@@ -224,5 +227,5 @@ def bundle_logits(data: TrainingData, manifest, states: list[dict]) -> list[np.n
     if not len(data):
         return [np.zeros((0, len(CLASSES))) for _ in manifest.members]
     ds = map_model(data, list(manifest.input_keys), {"manifest": manifest, "states": states}, _score_build, _score)
-    logits = collect(ds, data).astype(np.float64)
+    logits = collect(ds, data["row"]).astype(np.float64)
     return [logits[:, i] for i in range(len(manifest.members))]

@@ -31,7 +31,7 @@ from kneescreen.model.frozen import bake_head, extract_features, fit_head
 from kneescreen.model.manifest import BundleManifest, Threshold, Thresholds
 from kneescreen.model.registry import create_model, normalisation
 from kneescreen.train.config import MemberSpec, TrainConfig
-from kneescreen.train.data import TrainingData, bundle_logits, map_model
+from kneescreen.train.data import TrainingData, bundle_logits, collect, map_model
 from kneescreen.train.trainer import train_member
 
 _logger = logging.getLogger(__name__)
@@ -53,16 +53,7 @@ def _features(built, batch: dict) -> np.ndarray:
 def _fit_frozen_heads(features: ray.data.Dataset, rows: np.ndarray, y: np.ndarray, folds: np.ndarray):
     """In a Ray task (the n x d features never reach the driver): a shrinkage head per fold scores
     that fold, then the final head on all rows. Returns (out-of-fold logits, (head, mu, sd, l2), d)."""
-    got_rows, parts = [], []
-    for batch in features.iter_batches(batch_format="numpy", batch_size=None):
-        got_rows.append(batch["row"])
-        parts.append(batch["out"])
-    got_rows = np.concatenate(got_rows)
-    order = np.argsort(got_rows, kind="stable")
-    if not np.array_equal(got_rows[order], rows):
-        raise RuntimeError("frozen features came back for other rows than were sent")
-    feats = np.concatenate(parts)[order]
-    del parts
+    feats = collect(features, rows)
     logits = np.zeros((len(y), len(CLASSES)))
     for f in np.unique(folds):
         tr = folds != f
