@@ -37,7 +37,7 @@ if tree:  # the editable install's import hook would win over PYTHONPATH: drop i
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
     sys.path.insert(0, tree)
 import kneescreen
-from kneescreen.data.datasets import run_split
+from kneescreen import run_split  # the package root: old trees export it too
 t = time.time()
 audit = run_split(sys.argv[1], sys.argv[2])
 s = audit["summary"]

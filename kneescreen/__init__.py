@@ -15,7 +15,8 @@ Public surface: the reader, the store, the synthetic archive, splits, and the co
 ``run_*`` functions of each command.
 """
 
-from kneescreen.data.datasets import SplitConfig, load_collection, load_split, run_split
+from kneescreen.data.split.collection import load_collection
+from kneescreen.data.split.run import SplitConfig, load_split, run_split
 from kneescreen.data.synth import SynthConfig, write_archive
 from kneescreen.errors import ERROR_CODES, DecodeError, KneescreenError
 from kneescreen.io.reader import Radiograph, ReaderConfig, read_radiograph

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from kneescreen import config as cfglib
 from kneescreen._private import console
 from kneescreen.config import opt
-from kneescreen.data.datasets import SplitConfig, run_split
+from kneescreen.data.split.run import SplitConfig, run_split
 from kneescreen.data.synth import SynthConfig, write_archive
 from kneescreen.demo import DemoConfig, run_demo
 from kneescreen.errors import KneescreenError

@@ -34,6 +34,16 @@ def normalise_label(value: str) -> str:
     return v
 
 
+def to_float(value) -> float | None:
+    """A number from a labels or side table (text, a Parquet value or None); None when it is
+    missing or not a number (NaN included)."""
+    try:
+        v = float(value)
+        return None if math.isnan(v) else v
+    except (TypeError, ValueError):
+        return None
+
+
 # Age bands for subgroup statistics and the image-vs-age check (evaluation and screening).
 AGE_BANDS = ((0, 50), (50, 60), (60, 70), (70, 80), (80, 200))
 

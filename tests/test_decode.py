@@ -1,5 +1,5 @@
 """The shared decode batch function on a real synthetic archive: the training path (``uri``
-column, no root), side tables, and `ok_rows` (what training leaves out, and says so)."""
+column, no root), side tables, and `usable_decoded_rows` (what training leaves out, and says so)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kneescreen.data.decode import META_COLUMNS, DecodeSpec, decode_batch, load_side_table, ok_rows
+from kneescreen.data.decode import META_COLUMNS, DecodeSpec, decode_batch, load_side_table, usable_decoded_rows
 from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 
@@ -146,10 +146,10 @@ def test_max_pixels_guard(small_archive, labels):
     assert (out["status"][0], out["error_code"][0]) == ("error", "too_large")
 
 
-# -- ok_rows --------------------------------------------------------------------------------------
+# -- usable_decoded_rows --------------------------------------------------------------------------
 
 
-def test_ok_rows_keeps_ok_and_logs_codes(caplog):
+def test_usable_decoded_rows_keeps_ok_and_logs_codes(caplog):
     rows = [{"key": "a", "status": "ok", "error_code": None},
             {"key": "b", "status": "error", "error_code": "truncated"},
             {"key": "c", "status": "error", "error_code": "truncated"},
@@ -157,7 +157,7 @@ def test_ok_rows_keeps_ok_and_logs_codes(caplog):
             {"key": "e", "status": "ok", "error_code": None},
             {"key": "f", "status": "error", "error_code": None}]
     with caplog.at_level(logging.WARNING, logger="kneescreen.data.decode"):
-        kept = ok_rows(rows, what="fold 3")
+        kept = usable_decoded_rows(rows, what="fold 3")
     assert [r["key"] for r in kept] == ["a", "e"]
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(msgs) == 1
@@ -165,20 +165,20 @@ def test_ok_rows_keeps_ok_and_logs_codes(caplog):
     assert "truncated=2" in msgs[0] and "not_knee=1" in msgs[0] and "error=1" in msgs[0]
 
 
-def test_ok_rows_silent_when_nothing_dropped(caplog):
+def test_usable_decoded_rows_silent_when_nothing_dropped(caplog):
     rows = [{"key": "a", "status": "ok", "error_code": None}]
     with caplog.at_level(logging.WARNING, logger="kneescreen.data.decode"):
-        assert ok_rows(rows) == rows
+        assert usable_decoded_rows(rows) == rows
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_ok_rows_on_decoded_archive(small_archive, labels, planted, caplog):
+def test_usable_decoded_rows_on_decoded_archive(small_archive, labels, planted, caplog):
     root, _ = small_archive
     keys = sorted(labels)[:3] + sorted(planted)
     out = decode_batch(_uri_batch(root, keys), DecodeSpec(store=Store(), sizes=(32,)))
     rows = [{"key": k, "status": s, "error_code": c} for k, s, c in zip(out["key"], out["status"], out["error_code"])]
     with caplog.at_level(logging.WARNING, logger="kneescreen.data.decode"):
-        kept = ok_rows(rows)
+        kept = usable_decoded_rows(rows)
     assert [r["key"] for r in kept] == sorted(labels)[:3]
     msg = caplog.records[-1].getMessage()
     assert f"left out {len(planted)}" in msg

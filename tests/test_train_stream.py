@@ -11,7 +11,7 @@ import ray
 import torch
 from ray.data.dataset import MaterializedDataset
 
-from kneescreen.data.datasets import load_split, run_split
+from kneescreen.data.split.run import load_split, run_split
 from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import Bundle

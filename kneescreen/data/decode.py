@@ -4,7 +4,7 @@
 it with the pinned reader, letterboxes it to every size the models need, and adds metadata
 columns. A file that cannot be used is never dropped here: it becomes a row with ``status``
 ``error`` (or ``skipped``), a stable ``error_code`` and a message. Screening writes those rows;
-training filters them out and logs their codes (`ok_rows`).
+training filters them out and logs their codes (`usable_decoded_rows`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kneescreen.data.datasets import to_float
 from kneescreen.data.knee import view_inputs
 from kneescreen.data.preprocess import blank_input, letterbox
 from kneescreen.errors import DecodeError, KneescreenError
 from kneescreen.io.privacy import pseudonymise
 from kneescreen.io.reader import RadiographMeta, ReaderConfig, read_dicom_header, read_radiograph
 from kneescreen.io.store import Store, join
-from kneescreen.labels import age_band, normalise_label, t_score_to_class
+from kneescreen.labels import age_band, normalise_label, t_score_to_class, to_float
 
 _logger = logging.getLogger(__name__)
 KNEE_BODY_PARTS = {"KNEE", "LEG", "LOWER LIMB", "LOWERLIMB", "EXTREMITY", "LOWER EXTREMITY", "TIBIA", "FEMUR", "PATELLA"}
@@ -254,7 +253,7 @@ def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
     return out
 
 
-def ok_rows(rows: list[dict], what: str = "training") -> list[dict]:
+def usable_decoded_rows(rows: list[dict], what: str = "training") -> list[dict]:
     """Keep the ``ok`` rows of decoded output; log how many were left out, by error code."""
     bad = Counter(r["error_code"] or r["status"] for r in rows if r["status"] != "ok")
     if bad:

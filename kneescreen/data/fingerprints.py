@@ -129,9 +129,10 @@ def band_keys(thumbs: np.ndarray, bands: int, bits: int) -> np.ndarray:
     return (np.arange(bands, dtype=np.int64) << 32) | low
 
 
-def partition_of(values, parts: int) -> np.ndarray:
-    """Stable partition numbers 0..parts-1 of strings or integers (blake2b / splitmix), the same in
-    every process (Python's ``hash`` is salted per process)."""
+def value_partition(values, parts: int) -> np.ndarray:
+    """Stable partition numbers 0..parts-1 of values (pixel hashes, LSH bucket keys, group names,
+    audited attribute values): blake2b of a string, splitmix of an integer array, the same in every
+    process (Python's ``hash`` is salted per process)."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         x = values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         return ((x >> np.uint64(33)) % np.uint64(parts)).astype(np.int64)
@@ -148,7 +149,7 @@ def bucket_rows(batch: pa.Table, bands: int, bits: int, parts: int) -> pa.Table:
     rep = pa.array(np.repeat(np.arange(n), bands))
     flat = keys.ravel()
     return pa.table({
-        "part": partition_of(flat, parts), "bucket": flat,
+        "part": value_partition(flat, parts), "bucket": flat,
         "key": batch.column("key").take(rep), "unit": batch.column("unit").take(rep),
         "label": batch.column("label").take(rep), "thumb": batch.column("thumb").take(rep),
         "bands": pa.array([k.tobytes() for k in keys], pa.binary()).take(rep),
@@ -191,6 +192,6 @@ def near_pairs(part: pa.Table, min_corr: float) -> pa.Table:
     return pa.table(cols, schema=PAIR_SCHEMA)
 
 
-def ok_rows(table: pa.Table) -> pa.Table:
-    """Fingerprinted rows without an error code."""
+def usable_fingerprints(table: pa.Table) -> pa.Table:
+    """Fingerprint rows without an error code (the image was read and decoded)."""
     return table.filter(pc.is_null(table.column("error_code")))

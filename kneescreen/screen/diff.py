@@ -58,8 +58,9 @@ def choose_partitions(cfg: ScreenConfig, runs: list[dict], model_version: str) -
     return max(1, math.ceil(max(committed, listed) / PARTITION_ROWS))
 
 
-def partition_of(digests: list[bytes], partitions: int) -> np.ndarray:
-    """Each digest's partition: its first 4 bytes (big-endian) modulo ``partitions``."""
+def digest_partition(digests: list[bytes], partitions: int) -> np.ndarray:
+    """Each (key, etag) digest's partition: its first 4 bytes (big-endian) modulo ``partitions``.
+    The digest is already a uniform hash, so no second hash (`data.fingerprints.value_partition`)."""
     if partitions == 1:
         return np.zeros(len(digests), dtype=np.int64)
     return np.array([int.from_bytes(d[:4], "big") for d in digests], dtype=np.int64) % partitions
@@ -125,7 +126,7 @@ def write_done_side(store: Store, uris: list[str], retry_errors: bool, writer: P
             digests = [ledger.object_digest(k, e or "") for k, e in zip(keys, etags)]
             done = [ledger.is_done(s, c, retry_errors) for s, c in zip(status, codes)]
             writer.add(pa.table({"digest": pa.array(digests, DIGEST), "done": pa.array(done, pa.bool_())}),
-                       partition_of(digests, writer.partitions))
+                       digest_partition(digests, writer.partitions))
             n += len(digests)
     writer.flush()
     return n
@@ -144,7 +145,7 @@ def write_listing_side(store: Store, cfg: ScreenConfig, writer: PartitionWriter)
         fp.add(digests)
         table = pa.table({"key": pa.array(keys, pa.string()), "etag": pa.array(etags, pa.string()),
                           "size": pa.array([o.size for o in page], pa.int64()), "digest": pa.array(digests, DIGEST)})
-        writer.add(table, partition_of(digests, writer.partitions))
+        writer.add(table, digest_partition(digests, writer.partitions))
     writer.flush()
     return fp
 

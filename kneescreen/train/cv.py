@@ -16,7 +16,7 @@ import numpy as np
 
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import to_flat_dict
-from kneescreen.data.datasets import SplitConfig, load_split, run_split
+from kneescreen.data.split.run import SplitConfig, load_split, run_split
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES, age_band
 from kneescreen.metrics import binary_counts, classification_report

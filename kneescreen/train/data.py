@@ -11,8 +11,8 @@
 
 Decoding runs through the shared `decode_batch`, so training reads through the same `Store` (S3
 endpoint included) and the same reader policies. Rows that cannot be used are left out and their
-error codes logged (`ok_rows`). The driver holds O(rows) metadata and logits, never images or
-features (docs/operations.md, "Training memory").
+error codes logged (`usable_decoded_rows`). The driver holds O(rows) metadata and logits, never
+images or features (docs/operations.md, "Training memory").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from kneescreen.data.decode import DecodeSpec, decode_batch, ok_rows
+from kneescreen.data.decode import DecodeSpec, decode_batch, usable_decoded_rows
 from kneescreen.data.preprocess import is_input_key, parse_input_key
 from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES
@@ -119,8 +119,8 @@ def _meta(base: ray.data.Dataset) -> dict:
     cols = {k: v[order] for k, v in cols.items()}
     bad = cols["status"] != "ok"
     if bad.any():  # logged by code, as the screening decoder's rows would be
-        ok_rows([{"status": s, "error_code": e} for s, e in zip(cols["status"][bad], cols["error_code"][bad])],
-                "training data")
+        bad_rows = [{"status": s, "error_code": e} for s, e in zip(cols["status"][bad], cols["error_code"][bad])]
+        usable_decoded_rows(bad_rows, "training data")
     ok = ~bad
     age, t = cols["row_age"][ok].astype(float), cols["row_t"][ok].astype(float)
     return {"row": cols["row"][ok].astype(np.int64), "key": cols["key"][ok].astype(object),
@@ -135,7 +135,7 @@ def load_training_data(rows: list[dict], inputs, store: Store) -> TrainingData:
     """Decode split rows with Ray Data tasks into the object store.
 
     Args:
-        rows: split rows (`kneescreen.data.datasets.load_split`).
+        rows: split rows (`kneescreen.data.split.run.load_split`).
         inputs: member input keys (``img_160``, ``roi_128``, ...; a bare int is ``img_<int>``).
         store: where the images live.
 

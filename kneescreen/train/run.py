@@ -23,7 +23,7 @@ import numpy as np
 
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, to_flat_dict
-from kneescreen.data.datasets import SplitConfig, load_split, run_split
+from kneescreen.data.split.run import SplitConfig, load_split, run_split
 from kneescreen.io.store import Store, join
 from kneescreen.model.bundle import save_bundle
 from kneescreen.model.ensemble import CovariateFit, fit_ensemble, member_manifest

@@ -12,7 +12,8 @@ import pytest
 from conftest import DEV_SET
 from PIL import Image
 
-from kneescreen.data.datasets import SplitConfig, audit_split, load_split, run_split
+from kneescreen.data.split.audit import audit_split
+from kneescreen.data.split.run import SplitConfig, load_split, run_split
 from kneescreen.io.reader import read_radiograph
 
 needs_dev = pytest.mark.skipif(not os.path.isdir(DEV_SET), reason="../shared/data/knee-xray-dev not present")
@@ -118,7 +119,7 @@ def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path, engine):
 
 
 def test_unknown_label_is_a_clear_error(tmp_path):
-    from kneescreen.data.datasets import load_collection
+    from kneescreen.data.split.collection import load_collection
     from kneescreen.errors import KneescreenError
 
     (tmp_path / "labels.csv").write_text("key,label\na.png,broken-ish\n")
@@ -211,10 +212,11 @@ def test_local_and_ray_engines_write_the_same_split(tmp_path):
 
 
 def test_auto_engine_splits_small_collections_in_process(small_archive, tmp_path, caplog):
-    from kneescreen.data.datasets import Item, choose_engine
+    from kneescreen.data.split.collection import Item
+    from kneescreen.data.split.run import choose_engine
 
     root, _ = small_archive
-    with caplog.at_level("INFO", logger="kneescreen.data.datasets"):
+    with caplog.at_level("INFO", logger="kneescreen.data.split.run"):
         run_split(str(root), str(tmp_path), SplitConfig(folds=2))
     assert "with the local engine" in caplog.text
     batches = [[Item(key=f"{b}-{i}", uri="", label="normal", patient="") for i in range(3)] for b in range(3)]
@@ -224,3 +226,34 @@ def test_auto_engine_splits_small_collections_in_process(small_archive, tmp_path
     assert choose_engine(SplitConfig(local_max_images=9), iter(batches))[0] == "local"
     assert choose_engine(SplitConfig(engine="ray"), iter(batches))[0] == "ray"
     assert choose_engine(SplitConfig(engine="local", local_max_images=1), iter(batches))[0] == "local"
+
+
+def test_importing_the_package_and_its_entry_points_does_not_import_ray():
+    """`import kneescreen` stays light: only the Ray engine's functions import Ray."""
+    import subprocess
+    import sys
+
+    code = ("import kneescreen, kneescreen.data.split, sys\n"
+            "from kneescreen.data.split import assign, audit, collection, components, engine, engine_local, "
+            "engine_ray, run, tables, writer\n"
+            "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))[:5]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_both_engines_implement_the_same_interface():
+    import inspect
+
+    from kneescreen.data.split import engine_local, engine_ray
+    from kneescreen.data.split.engine import Engine
+    from kneescreen.data.split.run import ENGINES
+
+    assert ENGINES == {"local": engine_local, "ray": engine_ray}
+    names = [n for n, f in vars(Engine).items() if inspect.isfunction(f) and not n.startswith("_")]
+    assert names == ["fingerprint", "find_exact_duplicates", "find_near_pairs", "write_split"]
+    for name in names:
+        want = [p for p in inspect.signature(getattr(Engine, name)).parameters.values() if p.name != "self"]
+        for module in (engine_local, engine_ray):
+            got = inspect.signature(getattr(module, name))
+            assert list(got.parameters.values()) == want, f"{module.__name__}.{name}{got}"
+            assert got.return_annotation == inspect.signature(getattr(Engine, name)).return_annotation
