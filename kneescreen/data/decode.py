@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kneescreen.data.datasets import to_float
-from kneescreen.data.knee import view_inputs
+from kneescreen.data.knee.views import view_inputs
 from kneescreen.data.preprocess import blank_input, letterbox
 from kneescreen.errors import DecodeError, KneescreenError
 from kneescreen.io.privacy import pseudonymise

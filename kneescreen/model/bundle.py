@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kneescreen.data.knee import view_inputs
+from kneescreen.data.knee.views import view_inputs
 from kneescreen.data.preprocess import instance_logits, letterbox
 from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
