@@ -31,7 +31,8 @@ def _spearman(x, y) -> float:
 
 
 def _measure(rows: list[dict], root: str) -> tuple[list, list, list[dict]]:
-    from kneescreen.data.knee import cortical_thickness, locate_joints
+    from kneescreen.data.knee.joint import locate_joints
+    from kneescreen.data.knee.radiogrammetry import cortical_thickness
     from kneescreen.errors import DecodeError
     from kneescreen.io.reader import ReaderConfig, read_radiograph
 
@@ -76,7 +77,7 @@ def _closeups(images, locs, names):
 
 
 def main(argv=None) -> int:
-    from kneescreen.data.knee import qc_montage
+    from kneescreen.data.knee.qc import qc_montage
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dev-set", default="../shared/data/knee-xray-dev")

@@ -5,7 +5,10 @@ Usage: .venv/bin/python bench/reader_cost.py [--rows 3000 --cols 2500] [--baseli
 A synthetic 12-bit uncompressed DX (smooth anatomy-like field plus noise), with a VOI window in
 the header and without one (percentile window). Best of 5 calls each, with the pixel hash
 (duplicate audits) and without it (screening). `--baseline` times another reader file too
-(e.g. `git show COMMIT:kneescreen/io/reader.py > /tmp/old_reader.py`), with its defaults.
+(e.g. `git show COMMIT:kneescreen/io/reader.py > /tmp/old_reader.py`), with its defaults. That
+works for commits before the reader was split into `kneescreen/io/{radiograph,raster,dicom/...}`
+(06ae0a0 and earlier), when reader.py was self-contained; a later reader.py only dispatches to
+the package on the path, so time a later commit from its own checkout instead.
 """
 
 from __future__ import annotations

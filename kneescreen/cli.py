@@ -20,7 +20,7 @@ from kneescreen.data.split.run import SplitConfig, run_split
 from kneescreen.data.synth import SynthConfig, write_archive
 from kneescreen.demo import DemoConfig, run_demo
 from kneescreen.errors import KneescreenError
-from kneescreen.io.inspect import InspectConfig, run_inspect
+from kneescreen.io.probe import InspectConfig, run_inspect
 from kneescreen.io.reader import ReaderConfig
 from kneescreen.io.store import Store, join
 from kneescreen.report import ReportConfig, build_report

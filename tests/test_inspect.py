@@ -11,7 +11,7 @@ import pytest
 from conftest import dicom_test_files
 
 from kneescreen.cli import main
-from kneescreen.io.inspect import run_inspect
+from kneescreen.io.probe import run_inspect
 from kneescreen.io.store import Store
 
 FILES = dicom_test_files()

@@ -11,21 +11,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kneescreen.data.knee import (
-    KNEE_WIDTH_MM,
-    MIN_CONFIDENCE,
-    ROI_CENTRES_MM,
-    JointLocation,
-    _smooth,
-    cortical_thickness,
-    locate_joint,
-    locate_joints,
-    qc_montage,
-    regions_of_interest,
-    roi_boxes,
-    tile_boxes,
-    tiles,
-)
+from kneescreen.data.knee._signal import smooth
+from kneescreen.data.knee.joint import KNEE_WIDTH_MM, MIN_CONFIDENCE, JointLocation, locate_joint, locate_joints
+from kneescreen.data.knee.qc import qc_montage
+from kneescreen.data.knee.radiogrammetry import cortical_thickness
+from kneescreen.data.knee.views import ROI_CENTRES_MM, regions_of_interest, roi_boxes, tile_boxes, tiles
 from kneescreen.data.preprocess import letterbox
 from kneescreen.data.synth import (
     FOV_MM,
@@ -124,7 +114,7 @@ def test_non_knee_images_raise_joint_not_found(what):
     rng = np.random.default_rng(1)
     image = {
         "uniform-noise": lambda: rng.random((700, 600)).astype(np.float32),
-        "smooth-noise": lambda: np.clip(_smooth(_smooth(rng.random((700, 600)).astype(np.float32), 8, 0), 8, 1) * 4 - 1.5, 0, 1),
+        "smooth-noise": lambda: np.clip(smooth(smooth(rng.random((700, 600)).astype(np.float32), 8, 0), 8, 1) * 4 - 1.5, 0, 1),
         "blank": lambda: np.full((500, 500), 0.5, np.float32),
         "chest-like": _chest_like,
         "real-chest-cr": lambda: _pydicom_image("RG1_UNCR.dcm"),  # pydicom's CR chest radiograph
@@ -203,7 +193,7 @@ def _shaft_image(radius: float, cortex: float, blur: float, noise: float, tilt: 
     outer_chord = 2 * np.sqrt(np.clip(radius**2 - dx**2, 0, None))
     inner_chord = 2 * np.sqrt(np.clip(inner**2 - dx**2, 0, None))
     img = 0.25 * np.exp(-((dx / (3 * radius)) ** 2)) + 0.3 * (outer_chord - inner_chord) / radius + 0.075 * inner_chord / radius
-    img = _smooth(_smooth(img.astype(np.float32), blur, 0), blur, 1)
+    img = smooth(smooth(img.astype(np.float32), blur, 0), blur, 1)
     return np.clip(img + np.random.default_rng(0).normal(0, noise, img.shape), 0, 1).astype(np.float32)
 
 

@@ -1,5 +1,5 @@
 """The package's shape, checked from its source: no import cycles, imports only downwards through
-the layers the folders show, and functions short enough to read at once."""
+the layers the folders show, and functions and modules short enough to read at once."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ LAYERS = [
 ]
 MAX_LINES = 60
 LONG_OK = "# long-function:"  # marker + reason, on the line after a def that may exceed MAX_LINES
+MAX_MODULE_LINES = 400
+LONG_MODULE_OK = "Long module:"  # a module docstring line starting with this says why it may be longer
+# Temporary: other helpers are splitting these modules right now (issue #17); the lead removes this
+# set when their branches merge. Not an xfail: every other module is still checked.
+_BEING_SPLIT = {"kneescreen.data.synth"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -122,6 +127,40 @@ def _long_functions() -> list[str]:
 def test_functions_fit_on_a_screen():
     assert not _long_functions(), "split these, or say why not with '# long-function: <reason>':\n" + \
         "\n".join(_long_functions())
+
+
+def _long_modules(pkg: pathlib.Path = PKG, exempt: set[str] = frozenset()) -> list[str]:
+    """Modules over MAX_MODULE_LINES lines whose docstring does not say why (`LONG_MODULE_OK`)."""
+    out = []
+    for path in sorted(pkg.rglob("*.py")):
+        text = path.read_text()
+        n = len(text.splitlines())
+        parts = path.relative_to(pkg.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if n <= MAX_MODULE_LINES or name in exempt:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if not any(line.strip().startswith(LONG_MODULE_OK) for line in doc.splitlines()):
+            out.append(f"{path.relative_to(pkg.parent)} ({n} lines)")
+    return out
+
+
+def test_modules_fit_in_one_reading():
+    long = _long_modules(exempt=_BEING_SPLIT)
+    assert not long, (f"modules over {MAX_MODULE_LINES} lines: split them by concern, or say why not with a "
+                      f"docstring line starting '{LONG_MODULE_OK}':\n" + "\n".join(long))
+
+
+def test_module_size_check_flags_long_modules(tmp_path):
+    """Guards the guard: a long module is flagged unless its docstring says why."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    body = "x = 1\n" * MAX_MODULE_LINES
+    (pkg / "short.py").write_text('"""Fits."""\n' + "x = 1\n" * (MAX_MODULE_LINES - 1))
+    (pkg / "sub" / "long.py").write_text('"""Too long."""\n' + body)
+    (pkg / "sub" / "said.py").write_text(f'"""Long, and says why.\n\n{LONG_MODULE_OK} one table.\n"""\n' + body)
+    assert _long_modules(pkg) == [f"pkg/sub/long.py ({MAX_MODULE_LINES + 1} lines)"]
+    assert _long_modules(pkg, exempt={"pkg.sub.long"}) == []
 
 
 @pytest.mark.parametrize("module", ["kneescreen.screen.pipeline", "kneescreen.train.run", "kneescreen.cli"])

@@ -167,7 +167,7 @@ def test_spectral_roi_member_separates_bone_quality_that_a_letterbox_cannot():
     """Fine-texture knees (class signal only in trabecular spacing and solid cortex): a frozen
     spectral head on the native ROIs separates high and low T-scores in held-out subjects; the
     same head on the 160 px letterbox does not."""
-    from kneescreen.data.knee import view_inputs
+    from kneescreen.data.knee.views import view_inputs
     from kneescreen.data.preprocess import letterbox
     from kneescreen.metrics import balanced_accuracy
 

@@ -232,9 +232,9 @@ def test_uniform_and_noise_images_are_implausible():
 def test_decoder_is_pinned_to_pylibjpeg(monkeypatch):
     """With the pinned plugin unavailable, compressed DICOM fails loudly instead of silently
     switching to Pillow (which is installed and could decode JPEG baseline)."""
-    import kneescreen.io.reader as reader
+    import kneescreen.io.dicom.pixels as pixels
 
-    monkeypatch.setattr(reader, "DICOM_DECODING_PLUGIN", "no-such-plugin")
+    monkeypatch.setattr(pixels, "DICOM_DECODING_PLUGIN", "no-such-plugin")
     with pytest.raises(DecodeError) as info:
         _read("SC_rgb_jpeg_dcmtk.dcm")
     assert info.value.error_code == "unsupported_transfer_syntax"

@@ -72,7 +72,7 @@ def test_store_retry_settings_reach_both_clients_and_survive_pickling(monkeypatc
     store = Store.resolve("http://127.0.0.1:1")
     assert store.max_attempts == 7
     clone = pickle.loads(pickle.dumps(store))
-    assert clone == store and clone.max_attempts == 7 and clone._client is None
+    assert clone == store and clone.max_attempts == 7 and clone._s3._client is None  # settings only
     config = clone.client.meta.config
     assert config.retries == {"mode": "adaptive", "total_max_attempts": 7}  # 7 attempts, first included
     assert (config.connect_timeout, config.read_timeout) == (store.connect_timeout, store.read_timeout)

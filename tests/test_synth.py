@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kneescreen.data.synth import SynthConfig, draw_subjects, write_archive
-from kneescreen.io.inspect import run_inspect
+from kneescreen.io.probe import run_inspect
 from kneescreen.labels import t_score_to_class
 
 

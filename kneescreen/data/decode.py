@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kneescreen.data.knee import view_inputs
+from kneescreen.data.knee.views import view_inputs
 from kneescreen.data.preprocess import blank_input, letterbox
 from kneescreen.errors import DecodeError, KneescreenError
 from kneescreen.io.privacy import pseudonymise

@@ -72,7 +72,8 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 #   tiles_<s>  8 native-resolution s x s tiles around the joint, never resampled: (n, 8, s, s)
 #
 # Multi-instance views are scored by running the member on every instance and averaging the
-# logits (mean pooling); for a linear head that is the head applied to the mean feature.
+# logits (mean pooling, `kneescreen.model.forward.instance_logits`); for a linear head that is
+# the head applied to the mean feature.
 VIEWS = ("img", "roi", "tiles")
 VIEW_INSTANCES = {"img": 0, "roi": 2, "tiles": 8}
 ROI_MM = 20.0
@@ -103,17 +104,6 @@ def blank_input(key: str, n: int = 1) -> np.ndarray:
     view, s = parse_input_key(key)
     k = VIEW_INSTANCES[view]
     return np.zeros((n, k, s, s) if k else (n, s, s), np.uint8)
-
-
-def instance_logits(model, arr: torch.Tensor, input_mode: str, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """Logits of a (B, s, s) or multi-instance (B, K, s, s) uint8 batch; instances mean-pooled
-    (multiple-instance learning with mean pooling: every instance gets the bag's gradient)."""
-    b = arr.shape[0]
-    x = to_input(arr.reshape(-1, *arr.shape[-2:]), input_mode, mean, std)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    out = model(x)
-    return out if arr.ndim == 3 else out.reshape(b, arr.shape[1], -1).mean(1)
 
 
 def augment_instances(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kneescreen.data.knee import view_inputs
-from kneescreen.data.preprocess import instance_logits, letterbox
+from kneescreen.data.knee.views import view_inputs
+from kneescreen.data.preprocess import letterbox
 from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES
@@ -32,6 +32,7 @@ from kneescreen.model.covariates import (
     ProductStacker,
     covariate_features,
 )
+from kneescreen.model.forward import instance_logits
 from kneescreen.model.fusion import apply_temperature, fuse
 from kneescreen.model.manifest import BundleManifest, content_version
 from kneescreen.model.registry import create_model

@@ -17,9 +17,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from kneescreen.data.preprocess import augment_instances, instance_logits
+from kneescreen.data.preprocess import augment_instances
 from kneescreen.labels import CLASSES
 from kneescreen.metrics import macro_f1
+from kneescreen.model.forward import instance_logits
 from kneescreen.model.registry import create_model
 
 _STATE_KEYS = ("epoch", "best_f1", "best_state", "bad_epochs")

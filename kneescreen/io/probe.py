@@ -1,4 +1,6 @@
-"""`kneescreen inspect`: one JSON line per file, describing how the reader sees it."""
+"""`kneescreen inspect`: one JSON line per file, describing how the reader sees it.
+
+Named ``probe``, not ``inspect``, so that it never shadows the standard library's `inspect`."""
 
 from __future__ import annotations
 

@@ -1,0 +1,167 @@
+"""The S3 backend of `kneescreen.io.store.Store`: one boto3 client and one pyarrow
+S3FileSystem per process, both built on first use with the store's retry and timeout settings,
+and one `list_objects_v2` paginator that every listing goes through. The method contracts are
+`Store`'s."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from kneescreen.io.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches, split_s3
+
+
+def _folder(prefix: str) -> str:
+    """A key prefix as a folder: ``a/b`` -> ``a/b/``, "" stays "" (the whole bucket)."""
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+class S3Backend:
+    """s3:// URIs through boto3 (objects, listings) and pyarrow (Parquet).
+
+    Args:
+        endpoint_url, region, max_attempts, connect_timeout, read_timeout: as for `Store`.
+    """
+
+    def __init__(self, endpoint_url: str | None, region: str | None, max_attempts: int,
+                 connect_timeout: float, read_timeout: float):
+        self.endpoint_url, self.region, self.max_attempts = endpoint_url, region, max_attempts
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._lock = threading.Lock()
+        self._client = None
+        self._s3fs = None
+
+    @property
+    def client(self):
+        """This process's boto3 S3 client (thread-safe, built once)."""
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                # adaptive = standard retries (5xx, throttling, resets, timeouts, with jittered
+                # backoff) plus a client-side token bucket that slows down on SlowDown, so many
+                # decode tasks hitting one prefix back off instead of failing in a burst.
+                # total_max_attempts, not max_attempts: botocore's max_attempts counts retries
+                # after the first attempt, AWS_MAX_ATTEMPTS and pyarrow count attempts in all.
+                config = Config(retries={"mode": "adaptive", "total_max_attempts": self.max_attempts},
+                                connect_timeout=self.connect_timeout, read_timeout=self.read_timeout)
+                self._client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                                            config=config)
+            return self._client
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        bucket, key = split_s3(uri)
+        with self._lock:
+            if self._s3fs is None:
+                kwargs = {}
+                if self.endpoint_url:
+                    parsed = urlparse(self.endpoint_url)
+                    kwargs["endpoint_override"] = parsed.netloc or parsed.path
+                    kwargs["scheme"] = parsed.scheme or "https"
+                if self.region:
+                    kwargs["region"] = self.region
+                self._s3fs = pafs.S3FileSystem(
+                    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+                    connect_timeout=self.connect_timeout, request_timeout=self.read_timeout, **kwargs)
+            return self._s3fs, f"{bucket}/{key}".rstrip("/")
+
+    def make_parent(self, path: str) -> None:
+        """Nothing to do: S3 has no folders."""
+
+    def _pages(self, bucket: str, prefix: str, delimiter: bool = False, page_size: int = 1000) -> Iterator[dict]:
+        """The one `list_objects_v2` paginator: raw pages below ``prefix``; with ``delimiter``
+        one level only (sub-folders in ``CommonPrefixes``)."""
+        kwargs = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": page_size}}
+        if delimiter:
+            kwargs["Delimiter"] = "/"
+        yield from self.client.get_paginator("list_objects_v2").paginate(**kwargs)
+
+    # -- objects --------------------------------------------------------------------------------
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = split_s3(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self.client.exceptions.NoSuchKey as exc:
+            raise FileNotFoundError(uri) from exc
+
+    def read_range(self, uri: str, start: int, length: int, if_match: str | None) -> ByteRange:
+        bucket, key = split_s3(uri)
+        kwargs = {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
+        client = self.client
+        try:
+            resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}", **kwargs)
+        except client.exceptions.NoSuchKey as exc:
+            raise FileNotFoundError(uri) from exc
+        except client.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "412"):
+                raise ObjectChanged(f"{uri} changed while it was being read") from exc
+            if code == "InvalidRange" and start == 0:
+                # S3 refuses any range of an empty object: it has no bytes to give.
+                return ByteRange(b"", 0, 0, if_match or "")
+            raise
+        data = resp["Body"].read()
+        # "bytes 0-65535/2097152": the whole object's size; a server that ignores Range sends
+        # the whole object with no Content-Range.
+        total = resp.get("ContentRange", "").rpartition("/")[2]
+        if not total.isdigit():
+            return ByteRange(data[start:start + length], start, len(data), resp["ETag"].strip('"'))
+        return ByteRange(data, start, int(total), resp["ETag"].strip('"'))
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = split_s3(uri)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = split_s3(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except self.client.exceptions.ClientError:
+            return False
+
+    def delete(self, uri: str) -> bool:
+        bucket, key = split_s3(uri)
+        self.client.delete_object(Bucket=bucket, Key=key)
+        return True  # S3 does not say whether it existed
+
+    # -- listings -------------------------------------------------------------------------------
+
+    def list_pages(self, root: str, prefix: str, recursive: bool,
+                   page_size: int) -> Iterator[tuple[list[ObjectInfo], list[str]]]:
+        bucket, base = split_s3(root)
+        base = _folder(base)
+        for page in self._pages(bucket, base + prefix, delimiter=not recursive, page_size=page_size):
+            objs = [ObjectInfo(f"s3://{bucket}/{o['Key']}", o["Key"][len(base):], int(o["Size"]), o["ETag"].strip('"'))
+                    for o in page.get("Contents", ()) if not o["Key"].endswith("/")]
+            dirs = [cp["Prefix"][len(base):] for cp in page.get("CommonPrefixes", ())]
+            if objs or dirs:
+                yield objs, dirs
+
+    def list_objects(self, root: str, include: tuple[str, ...], exclude: tuple[str, ...],
+                     page_size: int) -> Iterator[ObjectInfo]:
+        for objs, _ in self.list_pages(root, "", True, page_size):
+            yield from (o for o in objs if key_matches(o.key, include, exclude))
+
+    def delete_prefix(self, uri: str) -> int:
+        bucket, prefix = split_s3(uri)
+        n = 0
+        for page in self._pages(bucket, prefix.rstrip("/") + "/"):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+                n += len(keys)
+        return n
+
+    def list_dirs(self, uri: str) -> list[str]:
+        bucket, prefix = split_s3(uri)
+        prefix = _folder(prefix.rstrip("/"))
+        names = []
+        for page in self._pages(bucket, prefix, delimiter=True):
+            names += [cp["Prefix"][len(prefix):].rstrip("/") for cp in page.get("CommonPrefixes", ())]
+        return sorted(names)

@@ -1,0 +1,63 @@
+"""What a `kneescreen.io.store.Store` lists and reads, and the URI helpers every layer uses:
+`ObjectInfo`, `ByteRange`, `ObjectChanged`; `is_s3`, `split_s3`, `join`, `key_matches`.
+Re-exported by `kneescreen.io.store`, which is where callers import them from."""
+
+from __future__ import annotations
+
+import fnmatch
+import pathlib
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from kneescreen.errors import KneescreenError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: key relative to the listed root, size in bytes, etag (or mtime tag)."""
+
+    uri: str
+    key: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes ``[start, start + len(data))`` of one object, with the whole object's size and the
+    version tag (S3 ETag, local size+mtime tag) they came from."""
+
+    data: bytes
+    start: int
+    size: int
+    etag: str
+
+
+class ObjectChanged(OSError):
+    """The object changed between two ranged reads of it (``if_match`` no longer holds)."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise KneescreenError(f"not an s3 URI: {uri!r} (expected s3://bucket/prefix)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(root: str, *parts: str) -> str:
+    root = str(root)
+    if is_s3(root):
+        return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(pathlib.Path(root, *parts))
+
+
+def key_matches(key: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether a key (relative to the listed root) passes the include and exclude globs."""
+    if include and not any(fnmatch.fnmatch(key, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatch(key, p) for p in exclude)

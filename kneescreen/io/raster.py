@@ -1,0 +1,73 @@
+"""PNG and JPEG radiographs: 8-bit images as they are, 16-bit exports windowed like a viewer
+would (they rarely use the full range), colour converted to luminance with a warning."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from kneescreen.errors import DecodeError
+from kneescreen.io.plausibility import check_plausible
+from kneescreen.io.radiograph import Radiograph, RadiographMeta, ReaderConfig, maybe_hash, robust_window
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def is_raster(data: bytes) -> bool:
+    """Whether ``data`` starts like a PNG or JPEG file (anything else is read as DICOM)."""
+    return data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC)
+
+
+def read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
+    """Decode a PNG or JPEG (8 or 16 bit, EXIF orientation applied) into a `Radiograph`."""
+    fmt = "png" if data.startswith(PNG_MAGIC) else "jpeg"
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            im = Image.open(io.BytesIO(data))
+            cols, rows = im.size
+        except Exception as exc:  # noqa: BLE001
+            raise DecodeError("truncated" if len(data) < 64 else "malformed", f"{fmt} header unreadable: {exc}") from None
+        if rows * cols > config.max_pixels:
+            raise DecodeError(
+                "too_large",
+                f"{rows}x{cols} = {rows * cols} pixels exceeds the limit of {config.max_pixels}",
+            )
+        try:
+            im.load()
+        except OSError as exc:
+            code = "truncated" if "truncat" in str(exc).lower() else "decode_failed"
+            raise DecodeError(code, f"{fmt} data could not be decoded: {exc}") from None
+        im = ImageOps.exif_transpose(im)
+    notes += [str(w.message) for w in caught]
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        stored = np.asarray(im)
+        if mode == "I" and stored.max(initial=0) < 65536 and stored.min(initial=0) >= 0:
+            stored = stored.astype(np.uint16)
+    elif mode == "L":
+        stored = np.asarray(im)
+    else:
+        notes.append(f"{fmt} in mode {mode} converted to luminance")
+        stored = np.asarray(im.convert("L"))
+    if stored.ndim != 2:
+        raise DecodeError("unsupported_photometric", f"unexpected {fmt} pixel layout {stored.shape}")
+    check_plausible(stored, config)
+    if stored.dtype == np.uint8:
+        image = (stored.astype(np.float32) / 255.0)
+    else:
+        # 16-bit exports rarely use the full range (12-bit detectors): window like a viewer would.
+        image = robust_window(stored.astype(np.float32))
+    meta = RadiographMeta(
+        format=fmt,
+        rows=int(stored.shape[0]),
+        cols=int(stored.shape[1]),
+        photometric="MONOCHROME2",
+        bits_stored=8 if stored.dtype == np.uint8 else 16,
+    )
+    return Radiograph(image=image, pixel_hash=maybe_hash(stored, config), meta=meta, warnings=notes)
