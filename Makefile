@@ -18,11 +18,13 @@ DEMO_OUT ?= demo-out
 demo: venv
 	$(BIN)/kneescreen demo --out $(DEMO_OUT)
 
+# Both print the 15 slowest tests. test-fast: no Ray (a test that starts Ray without the `ray`
+# marker fails), no slow tests.
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not ray" --durations=15
 
 bench: venv
 	$(BIN)/python bench/synth_rate.py --n 1000 --size 384

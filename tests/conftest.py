@@ -133,21 +133,58 @@ def train_archive(tmp_path_factory):
     return out
 
 
+RAY_CPUS = 2  # logical CPUs of the shared instance, like Ray's own ``ray_start_regular_shared``
+_SHARED: dict[str, str] = {}  # the shared instance's GCS address
+
+
+def _ray_up() -> bool:
+    """Whether Ray is initialised in this process (without importing it)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """A local Ray instance per test module (small, like Ray's own shared fixture).
+    """The session's one local Ray instance (``RAY_CPUS`` logical CPUs), shared by every module.
 
-    Module-scoped so it is gone before the modules that start their own head nodes
-    (test_job_submit, test_multinode): two clusters on one machine contend for the dashboard
-    agent's default ports and the second head's job agent never comes up.
+    Started on first use and left running for the next module: one start per session, not one
+    per module. Tests marked ``own_cluster`` (their own head nodes, or a job killed with its
+    cluster) shut it down first and run last (``pytest_runtest_setup``,
+    ``pytest_collection_modifyitems``): two clusters on one machine contend for the dashboard
+    agent's default ports and the second head's job agent never comes up. Module scope, not
+    session, so that a module after such a test starts it again here.
 
     Started after the S3 server so its workers inherit the endpoint and test credentials, the
     way cluster workers get them from their own environment (instance profile, IRSA)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _SHARED.get("gcs"):
+        ray.shutdown()  # not ours (started before the S3 server set the environment): replace it
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+        _SHARED["gcs"] = ray.get_runtime_context().gcs_address
     yield ray
-    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_with_the_marker(request):
+    """A test that starts Ray in this process must carry the ``ray`` marker, so that
+    ``make test-fast`` (``-m "not slow and not ray"``) stays Ray-free."""
+    before = _ray_up()
+    yield
+    if not before and _ray_up() and request.node.get_closest_marker("ray") is None:
+        pytest.fail("this test started Ray but has no `ray` marker (use the ray_local fixture)", pytrace=False)
+
+
+def pytest_runtest_setup(item):
+    """``own_cluster`` tests get the machine's Ray to themselves: the shared instance goes first."""
+    if item.get_closest_marker("own_cluster") and _ray_up():
+        sys.modules["ray"].shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _ray_up():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -179,8 +216,9 @@ def tiny_bundle(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Markers follow the fixtures, so `-m "not s3"` / `-m "not ray"` select consistently, and
-    `gpu` tests skip (with the reason) where CUDA is absent."""
+    """Markers follow the fixtures, so `-m "not s3"` / `-m "not ray"` select consistently;
+    `own_cluster` tests run last (the shared Ray starts once, stops once); `gpu` tests skip (with
+    the reason) where CUDA is absent."""
     import torch
 
     no_cuda = pytest.mark.skip(reason="needs a CUDA device (run on a GPU node: pytest -m gpu)")
@@ -188,7 +226,8 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & {"s3_server", "s3_bucket"}:
             item.add_marker(pytest.mark.s3)
-        if "ray_local" in fixtures:
+        if "ray_local" in fixtures or item.get_closest_marker("own_cluster"):
             item.add_marker(pytest.mark.ray)
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(no_cuda)
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)  # stable

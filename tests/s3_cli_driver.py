@@ -40,7 +40,7 @@ def main_(ep: str, b: str, report_dir: str) -> None:
          "--endpoint-url", ep])
     run(["train", "--data", f"{s3}/coll", "--out", f"{s3}/bundle", "--members", "test_cnn:gray",
          "--weights", f"{s3}/weights/test_cnn-imagenet.pt", "--image-size", "0", "--epochs", "2",
-         "--batch-size", "8", "--endpoint-url", ep])
+         "--batch-size", "8", "--oof-folds", "3", "--endpoint-url", ep])  # 3: the fewest for a fine-tuned member
     run(["evaluate", "--bundle", f"{s3}/bundle", "--split-dir", f"{s3}/bundle/split", "--endpoint-url", ep])
     run(["screen", "--input", f"{s3}/coll/images", "--output", f"{s3}/out", "--bundle", f"{s3}/bundle",
          "--reference", f"{s3}/coll/labels.csv", "--batch-size", "8", "--endpoint-url", ep])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ from kneescreen.io.reader import read_radiograph
 needs_dev = pytest.mark.skipif(not os.path.isdir(DEV_SET), reason="../shared/data/knee-xray-dev not present")
 
 
+@functools.cache  # decoding the dev set takes seconds: once for every parameter set
 def _dev_thumbs() -> tuple[list[str], np.ndarray]:
     """Dev-set thumbnails plus, for every fifth image, a half-size JPEG-q70 copy and a brightened copy."""
     import io
@@ -35,7 +37,9 @@ def _dev_thumbs() -> tuple[list[str], np.ndarray]:
                 copy.save(buf, format="JPEG", quality=70)
                 keys.append(f"{keys[-1] if name == 'half' else keys[-2]}:{name}")
                 thumbs.append(thumbnail_u8(read_radiograph(buf.getvalue()).image))
-    return keys, np.stack(thumbs)
+    stacked = np.stack(thumbs)
+    stacked.flags.writeable = False  # shared by the parameter sets
+    return keys, stacked
 
 
 def _lsh_pairs(keys, thumbs_u8, min_corr, bands, bits) -> set[tuple[str, str]]:

@@ -100,7 +100,7 @@ def _load_job(path: pathlib.Path):
 def crds() -> dict[str, dict]:
     out = {}
     for f in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.safe_load(f.read_text())
+        crd = yaml.load(f.read_text(), Loader=yaml.CSafeLoader)  # libyaml: the CRDs are large
         out[crd["spec"]["names"]["kind"]] = crd
     assert {"RayCluster", "RayJob", "RayCronJob"} <= set(out), sorted(out)
     return out

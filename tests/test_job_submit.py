@@ -19,7 +19,7 @@ from conftest import _free_port
 from kneescreen.io.store import Store
 from kneescreen.screen.ledger import committed_runs
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3, pytest.mark.own_cluster]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
 

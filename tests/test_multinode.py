@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import _free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_cluster]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
 

@@ -19,7 +19,7 @@ import torch
 from kneescreen.io.store import Store
 from kneescreen.model import registry
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3, pytest.mark.own_cluster]  # the driver starts its own
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -151,8 +151,9 @@ def test_crash_before_commit_then_rerun_and_rescan_are_exactly_once(ray_local, t
     for p in sorted((root / "images").rglob("*.dcm"))[:10]:
         (archive / p.name).write_bytes(p.read_bytes())
     # Blocks of 3 rows: several decode tasks and blocks per run, still one predictions file per run.
+    # One inference actor: the shared test Ray has 2 CPUs, and 2 actors would leave none for decoding.
     cfg = ScreenConfig(input=str(archive), output=str(tmp_path / "out"), bundle=tiny_bundle, batch_size=4,
-                       decode_batch_size=3, actors=2)
+                       decode_batch_size=3, actors=1)
 
     def crash(*a, **k):
         raise RuntimeError("simulated crash after the predictions were written")

@@ -94,16 +94,13 @@ def test_audit_detects_a_leak():
 
 @pytest.mark.s3
 @pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])])
-def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path, engine):
-    import ray
-
+def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path, engine, request):
     from kneescreen.io.store import Store
 
     # The Ray engine reads images in Ray workers, which take S3 credentials from their own
-    # environment (as on a cluster): a Ray started by an earlier test, before the S3 server set
-    # it, has none.
+    # environment (as on a cluster): the shared instance, started after the S3 server, has them.
     if engine == "ray":
-        ray.shutdown()
+        request.getfixturevalue("ray_local")
     root, _ = small_archive
     labels = list(csv.DictReader(open(root / "labels.csv")))[:8]
     for r in labels:
@@ -196,7 +193,7 @@ def test_duplicates_across_patients_stay_together_and_match_all_pairs(tmp_path):
 @needs_dev
 @pytest.mark.ray
 @pytest.mark.slow
-def test_local_and_ray_engines_write_the_same_split(tmp_path):
+def test_local_and_ray_engines_write_the_same_split(ray_local, tmp_path):
     root, _, _, _ = _linked_collection(tmp_path)
     audits = {}
     for engine in ("local", "ray"):

@@ -51,6 +51,7 @@ def test_two_worker_training_writes_a_bundle(ray_local, train_archive, tmp_path)
     assert audit["summary"]["leaks"] == 0
 
 
+@pytest.mark.own_cluster  # the job starts its own local Ray and is killed with it
 def test_killed_training_resumes_from_its_checkpoint(train_archive, tmp_path):
     args = [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(train_archive), "--out",
             str(tmp_path / "bundle"), "--members", "test_cnn:gray", "--weights", "none", "--oof-folds", "3", "--epochs", "60",
