@@ -26,13 +26,13 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-
 from kneescreen.errors import KneescreenError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,10 @@ class Store:
                                             config=config)
             return self._client
 
-    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+    def filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         """(pyarrow filesystem, path inside it) for a local path or s3:// URI."""
+        import pyarrow.fs as pafs  # here and below: byte reads (`kneescreen inspect`) never load pyarrow
+
         if not is_s3(uri):
             return pafs.LocalFileSystem(), str(pathlib.Path(uri).absolute())
         bucket, key = split_s3(uri)
@@ -446,6 +448,8 @@ class Store:
         """Rows of a CSV or Parquet file as dicts: labels, sidecars, splits."""
         data = self.read_bytes(uri)
         if uri.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
             return pq.read_table(io.BytesIO(data)).to_pylist()
         return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
 
@@ -461,15 +465,21 @@ class Store:
         fs, path = self.filesystem(uri)
         if not is_s3(uri):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+        import pyarrow.parquet as pq
+
         pq.write_table(table, path, filesystem=fs)
 
     def read_parquet(self, uri: str, **kwargs):
         """A Parquet file or folder of files as one Arrow table (``partitioning=None``)."""
+        import pyarrow.parquet as pq
+
         fs, path = self.filesystem(uri)
         return pq.read_table(path, filesystem=fs, partitioning=None, **kwargs)
 
     def count_parquet_rows(self, uri: str) -> int:
         """Rows in a Parquet file or folder, from the file footers (no data pages read)."""
+        import pyarrow.dataset as pads
+
         fs, path = self.filesystem(uri)
         return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).count_rows()
 
@@ -483,6 +493,9 @@ class Store:
         nothing is decoded ahead of a slow consumer (measured: the scanner's background reads
         held ~60 MB ahead of a per-row Python loop over 900,000 rows, this ~5 MB).
         """
+        import pyarrow.dataset as pads
+        import pyarrow.parquet as pq
+
         fs, path = self.filesystem(uri)
         ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None, schema=schema)
         if readahead:
