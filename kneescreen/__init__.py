@@ -15,17 +15,37 @@ Public surface: the reader, the store, the synthetic archive, splits, and the co
 ``run_*`` functions of each command.
 """
 
-from kneescreen.data.split.collection import load_collection
-from kneescreen.data.split.run import SplitConfig, load_split, run_split
-from kneescreen.data.synth import SynthConfig, write_archive
+from __future__ import annotations
+
+import importlib
+
 from kneescreen.errors import ERROR_CODES, DecodeError, KneescreenError
-from kneescreen.io.reader import Radiograph, ReaderConfig, read_radiograph
-from kneescreen.io.store import Store
 from kneescreen.labels import CLASSES, t_score_to_class
 
 __version__ = "0.1.0"
+# The rest of the public surface loads on first use: `import kneescreen` (and so every command
+# line, `kneescreen inspect` included) must not pay for pyarrow, Ray or torch it does not use.
+_LAZY = {
+    "SplitConfig": "kneescreen.data.split.run", "load_collection": "kneescreen.data.split.collection",
+    "load_split": "kneescreen.data.split.run", "run_split": "kneescreen.data.split.run",
+    "SynthConfig": "kneescreen.data.synth", "write_archive": "kneescreen.data.synth",
+    "Radiograph": "kneescreen.io.reader", "ReaderConfig": "kneescreen.io.reader",
+    "read_radiograph": "kneescreen.io.reader", "Store": "kneescreen.io.store",
+}
 __all__ = [
     "CLASSES", "ERROR_CODES", "DecodeError", "KneescreenError", "Radiograph", "ReaderConfig", "SplitConfig",
     "Store", "SynthConfig", "load_collection", "load_split", "read_radiograph", "run_split", "t_score_to_class",
     "write_archive",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kneescreen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

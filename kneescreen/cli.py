@@ -7,57 +7,70 @@ field (required ones included) from YAML, and flags given on the command line wi
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kneescreen import config as cfglib
 from kneescreen._private import console
-from kneescreen.config import opt
-from kneescreen.data.split.run import SplitConfig, run_split
-from kneescreen.data.synth import SynthConfig, write_archive
-from kneescreen.demo import DemoConfig, run_demo
 from kneescreen.errors import KneescreenError
-from kneescreen.io.probe import InspectConfig, run_inspect
-from kneescreen.io.reader import ReaderConfig
-from kneescreen.io.store import Store, join
-from kneescreen.report import ReportConfig, build_report
-from kneescreen.screen.config import ScreenConfig
-from kneescreen.screen.pipeline import run_screen
-from kneescreen.train.config import TrainConfig
-from kneescreen.train.evaluate import EvaluateConfig, format_table, run_evaluate
-from kneescreen.train.run import run_train
 
 _logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SynthCommand:
-    """``kneescreen synth``: where to write, plus the generator settings."""
+class Command:
+    """One subcommand. ``config`` and ``run`` are ``"module:attribute"`` paths, imported only when
+    the command runs (or its flags are asked for), so ``kneescreen inspect`` never loads Ray or
+    torch. ``run`` takes the resolved config and returns the exit status."""
 
-    out: str = opt(help="output folder or s3:// prefix")
-    endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
-    synth: SynthConfig = field(default_factory=SynthConfig)
-
-
-@dataclass(frozen=True)
-class SplitCommand:
-    """``kneescreen split``: the collection, where to write, plus the split policy."""
-
-    source: str = opt(help="folder-per-class, a folder/URI with labels.csv, or a labels CSV/Parquet", positional=True)
-    out: str = opt(help="folder or prefix for split.csv, audit.json, duplicates.csv")
-    images_root: str | None = opt(None, "where keys in a labels file are relative to")
-    endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
-    split: SplitConfig = field(default_factory=SplitConfig)
+    config: str
+    run: str
+    help: str
 
 
-def _run_inspect(cfg: InspectConfig) -> int:
+def _load(path: str):
+    module, _, attr = path.partition(":")
+    if module == "kneescreen.cli":  # this module, also when it runs as `python -m kneescreen.cli`
+        return globals()[attr]
+    return getattr(importlib.import_module(module), attr)
+
+
+# One line per command. The runners in this module are the CLI's part: they print the result.
+COMMANDS: dict[str, Command] = {
+    "demo": Command("kneescreen.demo:DemoConfig", "kneescreen.demo:run_demo",
+                    "the main job on embedded defaults (local folders, generated archive)"),
+    "inspect": Command("kneescreen.io.probe:InspectConfig", "kneescreen.cli:run_inspect_config",
+                       "one JSON line per file: how the reader decodes it"),
+    "synth": Command("kneescreen._private.commands:SynthCommand", "kneescreen.cli:run_synth_config",
+                     "generate a synthetic knee radiograph archive + labels"),
+    "split": Command("kneescreen._private.commands:SplitCommand", "kneescreen.cli:run_split_config",
+                     "fingerprint, dedupe and split a labelled collection without leakage"),
+    "train": Command("kneescreen.train.config:TrainConfig", "kneescreen.cli:run_train_config",
+                     "fine-tune the ensemble on Ray Train and write a model bundle"),
+    "evaluate": Command("kneescreen.train.evaluate:EvaluateConfig", "kneescreen.cli:run_evaluate_config",
+                        "evaluate a bundle on a split: table, JSON and Parquet"),
+    "report": Command("kneescreen.report:ReportConfig", "kneescreen.cli:run_report_config",
+                      "HTML report + PNG figures from a screening output (local or s3://)"),
+    "screen": Command("kneescreen.screen.config:ScreenConfig", "kneescreen.cli:run_screen_config",
+                      "screen an archive with a bundle: predictions, stats, run manifest"),
+}
+
+
+def run_inspect_config(cfg) -> int:
+    from kneescreen.io.probe import run_inspect
+    from kneescreen.io.reader import ReaderConfig
+    from kneescreen.io.store import Store
+
     return run_inspect(list(cfg.targets), Store.resolve(cfg.endpoint_url), config=ReaderConfig(max_pixels=cfg.max_pixels))
 
 
-def _run_synth(cfg: SynthCommand) -> int:
+def run_synth_config(cfg) -> int:
+    from kneescreen.data.synth import write_archive
+    from kneescreen.io.store import Store, join
+
     store = Store.resolve(cfg.endpoint_url)
     summary = write_archive(cfg.out, cfg.synth, store)
     store.write_bytes(join(cfg.out, "synth_config.yaml"), cfglib.dump_yaml(cfg).encode())
@@ -65,7 +78,10 @@ def _run_synth(cfg: SynthCommand) -> int:
     return 0
 
 
-def _run_split(cfg: SplitCommand) -> int:
+def run_split_config(cfg) -> int:
+    from kneescreen.data.split.run import run_split
+    from kneescreen.io.store import Store, join
+
     store = Store.resolve(cfg.endpoint_url)
     audit = run_split(cfg.source, cfg.out, cfg.split, images_root=cfg.images_root, store=store)
     store.write_bytes(join(cfg.out, "split_config.yaml"), cfglib.dump_yaml(cfg).encode())
@@ -75,41 +91,38 @@ def _run_split(cfg: SplitCommand) -> int:
 
 def run_train_config(cfg) -> int:
     """Train from a resolved `TrainConfig`: print the test table and where the bundle went."""
+    from kneescreen.train.evaluate import format_table
+    from kneescreen.train.run import run_train
+
     out = run_train(cfg)
     print(format_table(out["test"]))
     print(f"bundle {out['version']} written to {out['bundle']}")
     return 0
 
 
-def _run_evaluate(cfg) -> int:
-    run_evaluate(cfg)
+def run_evaluate_config(cfg) -> int:
+    """Evaluate with a resolved `EvaluateConfig` and print its table."""
+    from kneescreen.train.evaluate import format_table, run_evaluate
+
+    print(format_table(run_evaluate(cfg)))
     return 0
 
 
-def _run_report(cfg) -> int:
+def run_report_config(cfg) -> int:
+    from kneescreen.io.store import Store
+    from kneescreen.report import build_report
+
     print(build_report(cfg.output, cfg.out, Store.resolve(cfg.endpoint_url)))
     return 0
 
 
 def run_screen_config(cfg) -> int:
     """Screen with a resolved `ScreenConfig` and print the run's counts."""
+    from kneescreen.screen.pipeline import run_screen
+
     manifest = run_screen(cfg)
     print(json.dumps({k: manifest[k] for k in ("run_id", "model_version", "counts", "throughput_images_per_s")}, indent=2))
     return 0
-
-
-def _commands() -> dict[str, tuple[type, Callable, str]]:
-    """name -> (config dataclass, runner, help)."""
-    return {
-        "demo": (DemoConfig, run_demo, "the main job on embedded defaults (local folders, generated archive)"),
-        "inspect": (InspectConfig, _run_inspect, "one JSON line per file: how the reader decodes it"),
-        "synth": (SynthCommand, _run_synth, "generate a synthetic knee radiograph archive + labels"),
-        "split": (SplitCommand, _run_split, "fingerprint, dedupe and split a labelled collection without leakage"),
-        "train": (TrainConfig, run_train_config, "fine-tune the ensemble on Ray Train and write a model bundle"),
-        "evaluate": (EvaluateConfig, _run_evaluate, "evaluate a bundle on a split: table, JSON and Parquet"),
-        "report": (ReportConfig, _run_report, "HTML report + PNG figures from a screening output (local or s3://)"),
-        "screen": (ScreenConfig, run_screen_config, "screen an archive with a bundle: predictions, stats, run manifest"),
-    }
 
 
 def _add_common(p: argparse.ArgumentParser, cls: type) -> None:
@@ -120,11 +133,15 @@ def _add_common(p: argparse.ArgumentParser, cls: type) -> None:
                    help="debug logging, and Ray's own output on the console (else it goes to <output>/logs/)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``kneescreen`` parser. Every command is listed; only ``only``'s flags are added (all
+    when None), so parsing one command imports one config module."""
     parser = argparse.ArgumentParser(prog="kneescreen", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (cls, _, help_text) in _commands().items():
-        _add_common(sub.add_parser(name, help=help_text, description=help_text), cls)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if only is None or name == only:
+            _add_common(p, _load(command.config))
     return parser
 
 
@@ -138,8 +155,9 @@ def _setup_logging(verbose: bool, command: str = "kneescreen", cfg=None) -> None
         _logger.info("%s: details in %s (--verbose prints them here)", command, path)
 
 
-def _resolve_and_run(cls: type, runner: Callable, args: argparse.Namespace, prog: str, command: str) -> int:
+def _resolve_and_run(command: Command, args: argparse.Namespace, prog: str, name: str) -> int:
     try:
+        cls = _load(command.config)
         values = cfglib.load_yaml(args.config) if args.config else None
         cfg = cfglib.build(cls, args, values, source=args.config or "config")
         if hasattr(cfg, "validate"):
@@ -147,8 +165,8 @@ def _resolve_and_run(cls: type, runner: Callable, args: argparse.Namespace, prog
         if args.dry_run:
             print(json.dumps(cfglib.to_flat_dict(cfg), indent=2))
             return 0
-        _setup_logging(args.verbose, command, cfg)
-        return runner(cfg)
+        _setup_logging(args.verbose, name, cfg)
+        return _load(command.run)(cfg)
     except KneescreenError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -156,16 +174,17 @@ def _resolve_and_run(cls: type, runner: Callable, args: argparse.Namespace, prog
 
 def job_main(prog: str, doc: str, command: str, argv: list[str] | None = None) -> int:
     """Shared body of the thin Ray job entry points in jobs/: parse, resolve, run, exit status."""
-    cls, runner, _ = _commands()[command]
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(parser, cls)
-    return _resolve_and_run(cls, runner, parser.parse_args(argv), prog, command)
+    _add_common(parser, _load(COMMANDS[command].config))
+    return _resolve_and_run(COMMANDS[command], parser.parse_args(argv), prog, command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cls, runner, _ = _commands()[args.command]
-    return _resolve_and_run(cls, runner, args, "kneescreen", args.command)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The first word that is not an option names the command (the top level has only -h).
+    named = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=named if named in COMMANDS else "").parse_args(argv)
+    return _resolve_and_run(COMMANDS[args.command], args, "kneescreen", args.command)
 
 
 if __name__ == "__main__":

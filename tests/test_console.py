@@ -73,6 +73,7 @@ def test_log_file_is_in_the_output_folder(tmp_path):
 
 def test_rays_own_console_handlers_come_back_with_verbose(quiet, tmp_path):
     ray_data = logging.getLogger("ray.data")
+    console.attach_ray()  # what ensure_ray does once Ray is up (setup itself never imports Ray)
     assert not any(type(h).__name__ == "PlainRayHandler" for h in ray_data.handlers)
     assert ray_data.propagate
     import ray.data
@@ -141,15 +142,44 @@ def test_no_progress_spam_off_a_terminal(quiet):
     assert err.getvalue().count("\n") == 1  # the stage line only: a job log gets a line a minute at most
 
 
-def test_training_epochs_from_worker_lines(quiet, monkeypatch):
+def _epoch(member: str, done: int, total: int, rate: float) -> None:
+    """The record `kneescreen.train.progress` logs for one reported epoch."""
+    logging.getLogger("kneescreen.train.progress").info(
+        "%s: epoch %d/%d", member, done, total,
+        extra={"progress_done": done, "progress_total": total, "progress_unit": "epochs",
+               "progress_label": f"training {member}", "progress_note": f"{rate:,.1f} images/s"})
+
+
+def test_training_epochs_from_progress_records(quiet, monkeypatch):
     _, path = quiet
     tty = Tty()
     monkeypatch.setattr("sys.stderr", tty)
-    monkeypatch.setattr(console, "TTY_PROGRESS_S", 0.0)
-    lines = [("2026-01-01 INFO loop.py:108 -- [efficientnet_lite0-gray] epoch 2/8 loss 1.023 val macro-F1 0.412 "
-              "(best 0.412) 12.5 img/s"), "Failed to query Ray Train Controller actor state."]
-    console._worker_lines({"pid": 42, "actor_name": "RayTrainWorker", "is_err": True, "lines": lines})
-    assert "training efficientnet_lite0-gray: 2/8 epochs  12.5 images/s" in tty.getvalue()
-    assert "Failed to query" not in tty.getvalue() and "Failed to query" in _log_text(path)
+    _epoch("efficientnet_lite0-gray", 1, 8, 11.0)
+    _epoch("efficientnet_lite0-gray", 2, 8, 12.5)
+    shown = tty.getvalue()
+    # Every epoch redraws the line (not only after TTY_PROGRESS_S); the record's text is for the file.
+    assert "training efficientnet_lite0-gray: 1/8 epochs  11.0 images/s" in shown
+    assert shown.rsplit("\r\x1b[K", 1)[-1].startswith("  training efficientnet_lite0-gray: 2/8 epochs  12.5 images/s")
+    assert "epoch 2/8" not in shown and "efficientnet_lite0-gray: epoch 2/8" in _log_text(path)
     logging.getLogger("kneescreen.train.run").info("bundle written")  # the next stage ends the epoch line
     assert console.PROGRESS.label is None and tty.getvalue().endswith("bundle written\n")
+
+
+def test_worker_output_goes_to_the_file_and_is_not_parsed(quiet, monkeypatch):
+    _, path = quiet
+    tty = Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    lines = ["[efficientnet_lite0-gray] epoch 2/8 loss 1.023 12.5 img/s", "Failed to query Ray Train Controller actor state."]
+    console._worker_lines({"pid": 42, "actor_name": "RayTrainWorker", "is_err": True, "lines": lines})
+    assert tty.getvalue() == "" and console.PROGRESS.label is None  # printed text is never progress
+    assert "Failed to query" in _log_text(path) and "epoch 2/8" in _log_text(path)
+
+
+def test_verbose_console_prints_epoch_records_as_lines(tmp_path, capsys):
+    try:
+        console.setup("train", str(tmp_path), verbose=True)
+        _epoch("test_cnn-gray", 3, 4, 9.0)
+    finally:
+        console._reset()
+    assert "kneescreen.train.progress: test_cnn-gray: epoch 3/4" in capsys.readouterr().err
+    assert console.PROGRESS.label is None

@@ -111,7 +111,7 @@ def test_signal_scale_option(tmp_path):
 
     import pydicom
 
-    from kneescreen.cli import SynthCommand
+    from kneescreen._private.commands import SynthCommand
     from kneescreen.config import add_arguments, build
     from kneescreen.data.synth import FOV_MM
     from kneescreen.errors import KneescreenError

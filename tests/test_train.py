@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from kneescreen._private import console
 from kneescreen.model.bundle import load_bundle
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.run import run_train
@@ -20,13 +22,30 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_two_worker_training_writes_a_bundle(ray_local, train_archive, tmp_path):
-    """A fine-tuned member (2 DDP workers) and a frozen one; out-of-fold selection over 3 folds."""
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_two_worker_training_writes_a_bundle(ray_local, train_archive, tmp_path, monkeypatch):
+    """A fine-tuned member (2 DDP workers) and a frozen one; out-of-fold selection over 3 folds.
+    The quiet console shows each epoch Ray Train reported (callback -> driver log record)."""
+    tty = Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    log_path = console.setup("train", str(tmp_path / "bundle"), verbose=False)
     cfg = TrainConfig(data=str(train_archive), out=str(tmp_path / "bundle"),
                       members=("test_cnn:gray", "test_cnn:rgb:frozen"), weights="none", image_size=0, epochs=2,
                       num_workers=2, batch_size=8, storage_path=str(tmp_path / "runs"), name="t2w",
                       fusion="fuzzy_rank", oof_folds=3)
-    out = run_train(cfg)
+    try:
+        out = run_train(cfg)
+    finally:
+        console._reset()
+        console._state["quiet"] = False
+    shown = tty.getvalue()
+    for epoch in (1, 2):
+        assert f"training test_cnn-gray: {epoch}/2 epochs" in shown, shown[-2000:]
+    assert "test_cnn-gray: epoch 2/2 loss" in pathlib.Path(log_path).read_text()
     b = load_bundle(str(tmp_path / "bundle"))
     m = b.manifest
     sel = m.selection

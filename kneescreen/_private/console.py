@@ -13,9 +13,16 @@ it helps someone running `kneescreen demo`; all of it helps someone debugging. S
   warnings) and every line Ray forwards from its workers goes to the log file only;
 - Ray Data's own progress reporting is off (``DataContext.enable_progress_bars``); instead a record
   with ``extra={"progress_total": n, ...}`` starts one progress line (done / total, rate, ETA)
-  fed by a Ray Data execution callback, and "epoch k/N" lines from training workers feed it
-  during training. On a terminal the line redraws in place; elsewhere (job logs) it is printed at
-  most once a minute.
+  fed by a Ray Data execution callback. A record with ``extra={"progress_done": k,
+  "progress_total": n, "progress_label": ..., "progress_unit": ..., "progress_note": ...}`` steps
+  a line the library drives itself (training: one record per reported epoch,
+  `kneescreen.train.progress`); its text goes to the log file. Progress is read from the
+  records' fields, never parsed back out of printed text. On a terminal the line redraws in
+  place; elsewhere (job logs) it is printed at most once a minute.
+
+Nothing here imports Ray until a command starts it: `setup` only configures Python logging, and
+`attach_ray` (called by `kneescreen._private.cluster.ensure_ray`) quiets Ray once it is up, so
+commands that never use Ray (``kneescreen inspect``) start without loading it.
 
 With ``--verbose`` the console shows everything at DEBUG, as Ray prints it, and the file still
 gets a copy. Ray 2.60 knobs used: ``DataContext.enable_progress_bars`` and
@@ -29,7 +36,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -43,10 +49,9 @@ STAGE_LOGGERS = ("kneescreen.cli", "kneescreen.demo", "kneescreen.screen.pipelin
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 NON_TTY_PROGRESS_S = 60.0  # job logs: a progress line at most this often
 TTY_PROGRESS_S = 0.25
-_EPOCH = re.compile(r"\[(?P<member>[^\]]+)\] epoch (?P<done>\d+)/(?P<total>\d+)(?:.*?(?P<rate>[\d.]+) img/s)?")
 _MARK = "_kneescreen_console"  # set on the handlers this module installs, so setup can be re-run
 
-_state = {"quiet": False, "log_path": None, "removed": [], "printers": []}
+_state = {"quiet": False, "ray_quiet": False, "log_path": None, "removed": [], "printers": []}
 _lock = threading.RLock()
 # Worker output goes to the file under Ray's logger tree (never a kneescreen stage line).
 _worker_log = logging.getLogger("ray.worker_output")
@@ -78,7 +83,9 @@ class Progress:
             self.done, self.note = int(done), note or self.note
             self.total = int(total) if total is not None else self.total
             now, tty = time.monotonic(), _stream().isatty()
-            if now - self.last >= (TTY_PROGRESS_S if tty else NON_TTY_PROGRESS_S) or (tty and self.done >= self.total):
+            # On a terminal, a step the library reports (an epoch) always redraws: they are rare.
+            if now - self.last >= (TTY_PROGRESS_S if tty else NON_TTY_PROGRESS_S) or \
+                    (tty and (self.done >= self.total or self.kind == "steps")):
                 self.last = now
                 self.draw(tty)
 
@@ -128,14 +135,17 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            total = getattr(record, "progress_total", None)
+            done, total = getattr(record, "progress_done", None), getattr(record, "progress_total", None)
             with _lock:
+                if _state["quiet"] and done is not None:
+                    _step(record)  # the record's text is for the log file; the line shows its numbers
+                    return
                 PROGRESS.clear()
                 _stream().write(self.format(record) + "\n")
-                if total is not None:
+                if done is None and total is not None:
                     _DataProgress.arm(getattr(record, "progress_label", "progress"), total,
                                       getattr(record, "progress_unit", "items"), getattr(record, "progress_op", None))
-                elif PROGRESS.kind == "epochs":
+                elif PROGRESS.kind == "steps":
                     PROGRESS.finish()  # training progress belongs to the stage line before this one
                 elif PROGRESS.label is not None and _stream().isatty():
                     PROGRESS.draw(True)
@@ -144,9 +154,19 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+def _step(record: logging.LogRecord) -> None:
+    """A library-driven progress record (``progress_done``): start or move its line."""
+    label = getattr(record, "progress_label", "progress")
+    total = int(getattr(record, "progress_total", 0))
+    done = int(record.progress_done)
+    if PROGRESS.label != label or done <= PROGRESS.done:  # a new run (the next fold) under the same label
+        PROGRESS.start(label, total, getattr(record, "progress_unit", "steps"), kind="steps", done=done)
+    PROGRESS.update(done, total, note=getattr(record, "progress_note", None))
+
+
 def _console_filter(record: logging.LogRecord) -> bool:
-    """Quiet mode: stage lines, kneescreen warnings, anyone's errors."""
-    if record.levelno >= logging.ERROR:
+    """Quiet mode: stage lines, progress records, kneescreen warnings, anyone's errors."""
+    if record.levelno >= logging.ERROR or getattr(record, "progress_done", None) is not None:
         return True
     if not record.name.startswith("kneescreen"):
         return False
@@ -203,7 +223,9 @@ def setup(command: str, output: str | None, verbose: bool) -> str:
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)
         _state.update(quiet=not verbose, log_path=path)
         if not verbose:
-            _quiet_ray()
+            logging.captureWarnings(True)
+            if "ray" in sys.modules:
+                attach_ray()  # Ray is already loaded in this process (tests, notebooks)
         return path
 
 
@@ -221,13 +243,14 @@ def _reset() -> None:
         dispatcher.remove_handler("kneescreen_worker_lines")
         dispatcher.add_handler(name, handler)
     _state["printers"] = []
+    _state["ray_quiet"] = False
     logging.captureWarnings(False)
     PROGRESS.finish()
 
 
 def _quiet_ray() -> None:
-    """Ray's console handlers off (records reach the root's file handler), Python warnings to the
-    log, Ray Data's progress reporting replaced by ours."""
+    """Ray's console handlers off (records reach the root's file handler), Ray Data's progress
+    reporting replaced by ours."""
     import ray.data
 
     for name in RAY_LOGGERS:
@@ -237,19 +260,22 @@ def _quiet_ray() -> None:
                 logger.removeHandler(h)
                 _state["removed"].append((logger, h, logger.propagate))
         logger.propagate = True
-    logging.captureWarnings(True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    if _DataProgress not in ctx.custom_execution_callback_classes:
-        ctx.custom_execution_callback_classes.append(_DataProgress)
-    attach_ray()
+    callback = _data_progress_class()
+    if callback not in ctx.custom_execution_callback_classes:
+        ctx.custom_execution_callback_classes.append(callback)
 
 
 def attach_ray() -> None:
-    """Route what Ray forwards from its workers (stdout/stderr lines) to the log file, reading
-    training progress from it. Call after `ray.init`; a no-op unless quiet."""
+    """Quiet Ray for this command: its loggers to the log file, our data progress line, and what
+    Ray forwards from its workers (stdout/stderr lines) to the log file. Call once Ray is
+    imported (`ensure_ray` does, after ``ray.init``); a no-op unless quiet."""
     if not _state["quiet"]:
         return
+    if not _state["ray_quiet"]:
+        _quiet_ray()
+        _state["ray_quiet"] = True
     try:
         import ray
         from ray._private.ray_logging import (
@@ -267,37 +293,19 @@ def attach_ray() -> None:
 
 
 def _worker_lines(data: dict) -> None:
-    """Ray's log batch from one worker process: to the file, epoch lines to the progress line."""
+    """Ray's log batch from one worker process: to the log file."""
     who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
     stream = "stderr" if data.get("is_err") else "stdout"
     for line in data.get("lines", ()):
         _worker_log.info("%s %s: %s", who, stream, line)
-        m = _EPOCH.search(line)
-        if m:
-            _epoch_progress(m)
 
 
-def _epoch_progress(m: re.Match) -> None:
-    label, done, total = f"training {m['member']}", int(m["done"]), int(m["total"])
-    with _lock:
-        if PROGRESS.label != label:
-            PROGRESS.start(label, total, "epochs", kind="epochs", done=done)
-        PROGRESS.update(done, total, note=f"{float(m['rate']):,.1f} images/s" if m["rate"] else None)
-
-
-try:  # Ray 2.60's callback interface (internal path; without it there is no data progress line)
-    from ray.data._internal.execution.execution_callback import (
-        ExecutionCallback as _CallbackBase,
-    )
-except ImportError:  # pragma: no cover
-    _CallbackBase = object
-
-
-class _DataProgress(_CallbackBase):
+class _DataProgress:
     """Ray Data execution callback: the armed operator's output rows drive the progress line.
 
-    Registered in ``DataContext.custom_execution_callback_classes``; Ray instantiates it once per
-    dataset execution, so the armed state lives on the class.
+    Registered in ``DataContext.custom_execution_callback_classes`` (mixed with Ray's base class
+    when Ray is up, `_data_progress_class`); Ray instantiates it once per dataset execution, so the
+    armed state lives on the class.
     """
 
     armed: dict | None = None
@@ -333,3 +341,19 @@ class _DataProgress(_CallbackBase):
         if _DataProgress.armed is not None:
             _DataProgress.armed = None
             PROGRESS.finish()
+
+
+_registered: list[type] = []
+
+
+def _data_progress_class() -> type:
+    """`_DataProgress` with Ray 2.60's callback interface as a base (internal path, imported only
+    once Ray is in use; without it the plain class still has every hook Ray calls)."""
+    if not _registered:
+        try:
+            from ray.data._internal.execution.execution_callback import ExecutionCallback
+        except ImportError:  # pragma: no cover
+            _registered.append(_DataProgress)
+        else:
+            _registered.append(type("DataProgress", (_DataProgress, ExecutionCallback), {}))
+    return _registered[0]

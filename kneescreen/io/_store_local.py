@@ -7,11 +7,14 @@ import os
 import pathlib
 import shutil
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import pyarrow.fs as pafs
 
 from kneescreen.errors import KneescreenError
 from kneescreen.io.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 
 def _local_tag(st: os.stat_result) -> str:
@@ -62,6 +65,8 @@ class LocalBackend:
     """Local paths: stateless, one per `Store`."""
 
     def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        import pyarrow.fs as pafs  # only where a filesystem is asked for: byte reads never load pyarrow
+
         return pafs.LocalFileSystem(), str(pathlib.Path(uri).absolute())
 
     def make_parent(self, path: str) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import pyarrow.fs as pafs
 
 from kneescreen.io.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches, split_s3
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 
 def _folder(prefix: str) -> str:
@@ -64,6 +67,8 @@ class S3Backend:
                     kwargs["scheme"] = parsed.scheme or "https"
                 if self.region:
                     kwargs["region"] = self.region
+                import pyarrow.fs as pafs  # only where a filesystem is asked for
+
                 self._s3fs = pafs.S3FileSystem(
                     retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
                     connect_timeout=self.connect_timeout, request_timeout=self.read_timeout, **kwargs)

@@ -26,16 +26,16 @@ import csv
 import io
 import os
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from kneescreen.errors import KneescreenError
 from kneescreen.io._store_local import LocalBackend
 from kneescreen.io._store_s3 import S3Backend
 from kneescreen.io.objects import ByteRange, ObjectChanged, ObjectInfo, is_s3, join, key_matches, split_s3
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 __all__ = ["ByteRange", "ObjectChanged", "ObjectInfo", "Store", "is_s3", "join", "key_matches", "split_s3"]
 
@@ -210,6 +210,8 @@ class Store:
         """Rows of a CSV or Parquet file as dicts: labels, sidecars, splits."""
         data = self.read_bytes(uri)
         if uri.endswith(".parquet"):
+            import pyarrow.parquet as pq  # here and below: byte reads (`kneescreen inspect`) never load pyarrow
+
             return pq.read_table(io.BytesIO(data)).to_pylist()
         return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
 
@@ -225,15 +227,21 @@ class Store:
         backend = self._backend(uri)
         fs, path = backend.filesystem(uri)
         backend.make_parent(path)
+        import pyarrow.parquet as pq
+
         pq.write_table(table, path, filesystem=fs)
 
     def read_parquet(self, uri: str, **kwargs):
         """A Parquet file or folder of files as one Arrow table (``partitioning=None``)."""
+        import pyarrow.parquet as pq
+
         fs, path = self.filesystem(uri)
         return pq.read_table(path, filesystem=fs, partitioning=None, **kwargs)
 
     def count_parquet_rows(self, uri: str) -> int:
         """Rows in a Parquet file or folder, from the file footers (no data pages read)."""
+        import pyarrow.dataset as pads
+
         fs, path = self.filesystem(uri)
         return pads.dataset(path, filesystem=fs, format="parquet", partitioning=None).count_rows()
 
@@ -247,6 +255,9 @@ class Store:
         nothing is decoded ahead of a slow consumer (measured: the scanner's background reads
         held ~60 MB ahead of a per-row Python loop over 900,000 rows, this ~5 MB).
         """
+        import pyarrow.dataset as pads
+        import pyarrow.parquet as pq
+
         fs, path = self.filesystem(uri)
         ds = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None, schema=schema)
         if readahead:

@@ -90,9 +90,9 @@ class Bundle:
         self.manifest = manifest
         self.models = models
         self.device = device
-        cov, st = manifest.covariates, manifest.stacker
+        cov, stacker = manifest.covariates, manifest.stacker
         self.covariate_model = LogisticModel.from_dict(cov.model) if cov else None
-        self.stacker = ProductStacker.from_dict(st.model) if st else None
+        self.stacker = ProductStacker.from_dict(stacker.model) if stacker else None
 
     @classmethod
     def from_states(cls, manifest: BundleManifest, states: list[dict], device: str = "cpu") -> Bundle:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kneescreen.model.fusion import softmax
+
 
 def _sex_code(sex) -> str | None:
     if sex is None:
@@ -55,23 +57,17 @@ class LogisticModel:
         onehot = np.eye(k)[y]
         coef, bias = np.zeros((d, k)), np.log(np.bincount(y, minlength=k) + 1.0)
         for _ in range(steps):
-            p = self._softmax(x @ coef + bias)
+            p = softmax(x @ coef + bias)
             g = (p - onehot) * w[:, None] / n
             coef -= lr * (x.T @ g + self.l2 * coef)
             bias -= lr * g.sum(0)
         self.coef, self.bias = coef, bias
         return self
 
-    @staticmethod
-    def _softmax(z: np.ndarray) -> np.ndarray:
-        z = z - z.max(1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(1, keepdims=True)
-
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         if self.coef is None:
             raise RuntimeError("model is not fitted")
-        return self._softmax(np.asarray(x, float) @ self.coef + self.bias)
+        return softmax(np.asarray(x, float) @ self.coef + self.bias)
 
     def to_dict(self) -> dict:
         return {"coef": self.coef.tolist(), "bias": self.bias.tolist(), "l2": self.l2}
@@ -106,9 +102,9 @@ class ProductStacker:
         for beta in np.linspace(0.0, 2.0, 41):
             bias = np.zeros(k)
             for _ in range(300):
-                p = LogisticModel._softmax(self._logits(p_cov, p_img, beta, bias))
+                p = softmax(self._logits(p_cov, p_img, beta, bias))
                 bias -= 0.5 * ((p - onehot).mean(0) + l2 * bias)
-            p = LogisticModel._softmax(self._logits(p_cov, p_img, beta, bias))
+            p = softmax(self._logits(p_cov, p_img, beta, bias))
             nll = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean() + 0.5 * l2 * (bias**2).sum())
             if nll < best[0] - 1e-9:
                 best = (nll, float(beta), bias.copy())
@@ -116,7 +112,7 @@ class ProductStacker:
         return self
 
     def predict_proba(self, p_cov: np.ndarray, p_img: np.ndarray) -> np.ndarray:
-        return LogisticModel._softmax(self._logits(p_cov, p_img, self.beta, self.bias))
+        return softmax(self._logits(p_cov, p_img, self.beta, self.bias))
 
     def to_dict(self) -> dict:
         return {"kind": "product", "beta": self.beta, "bias": self.bias.tolist()}

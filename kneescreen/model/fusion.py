@@ -66,7 +66,8 @@ def fuse(method: str, probs: list[np.ndarray], weights=None) -> tuple[np.ndarray
     raise ValueError(f"unknown fusion method {method!r}; valid: {', '.join(FUSION_METHODS)}")
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits (numerically stable); the one used by every model here."""
     z = z - z.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)
@@ -77,7 +78,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     logits, y = np.asarray(logits, float), np.asarray(y, int)
 
     def nll(t: float) -> float:
-        p = _softmax(logits / t)
+        p = softmax(logits / t)
         return float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean())
 
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 200))
@@ -88,7 +89,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def apply_temperature(logits: np.ndarray, t: float) -> np.ndarray:
-    return _softmax(np.asarray(logits, float) / t)
+    return softmax(np.asarray(logits, float) / t)
 
 
 def fit_weights(probs: list[np.ndarray], y: np.ndarray, steps: int = 300, seed: int = 0) -> list[float]:

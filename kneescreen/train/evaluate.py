@@ -1,5 +1,5 @@
 """`kneescreen evaluate`: every member, the image ensemble, covariates-only and the fused model
-on held-out images, with intervals; JSON + Parquet + a printed table."""
+on held-out images, with intervals; JSON + Parquet, and the table the CLI prints (`format_table`)."""
 
 from __future__ import annotations
 
@@ -193,13 +193,16 @@ class EvaluateConfig:
 
 
 def run_evaluate(cfg: EvaluateConfig, store: Store | None = None) -> dict:
-    """Evaluate a bundle on one split of a ``split.csv``; print the table, write JSON + Parquet."""
+    """Evaluate a bundle on one split of a ``split.csv``; write JSON + Parquet.
+
+    Returns:
+        The report (`evaluate_arrays`); `format_table` renders it for a terminal.
+    """
     store = store or Store.resolve(cfg.endpoint_url)
     ensure_ray()
     bundle = load_bundle(cfg.bundle, store=store)
     rows = [r for r in load_split(cfg.split_dir, store) if r["split"] == cfg.split]
     report = evaluate_arrays(bundle, load_training_data(rows, bundle.manifest.input_keys, store))
-    print(format_table(report))
     out_dir = cfg.out or join(cfg.bundle, "evaluation")
     store.write_bytes(join(out_dir, f"{cfg.split}.json"), json.dumps(report, indent=2, default=float).encode())
     store.write_parquet(pa.Table.from_pylist(report_rows(report)), join(out_dir, f"{cfg.split}.parquet"))

@@ -3,6 +3,8 @@
 Every worker trains on its shard of the training set and scores the whole validation set; the
 all-reduced macro-F1 decides early stopping, so all ranks stop on the same epoch. Rank 0 writes a
 checkpoint every epoch; a rerun with the same run name resumes from the latest one (Train V2).
+Progress is the reported metrics (``start_epoch``, ``early_stop`` included), nothing printed:
+`train.progress` carries them to the driver's log.
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ def _setup(config: dict, device: torch.device):
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         state = {k: saved[k] for k in _STATE_KEYS}
-        if ray.train.get_context().get_world_rank() == 0:
-            print(f"[{config['member']}] resumed from checkpoint after epoch {state['epoch']}", flush=True)
     return model, opt, sched, torch.nn.CrossEntropyLoss(weight=class_w), state
 
 
@@ -97,7 +97,7 @@ def _all_reduce(f1: float, loss_sum: float, seen: int, train_s: float, world: in
     return tuple(float(v) for v in stats)
 
 
-def _report(model, opt, sched, state: dict, metrics: dict, config: dict, rank: int) -> None:
+def _report(model, opt, sched, state: dict, metrics: dict, rank: int) -> None:
     """Rank 0 checkpoints (model, optimiser, schedule, early-stopping state); all ranks report."""
     unwrapped = model.module if hasattr(model, "module") else model
     with tempfile.TemporaryDirectory() as d:
@@ -106,9 +106,6 @@ def _report(model, opt, sched, state: dict, metrics: dict, config: dict, rank: i
             torch.save({"model": unwrapped.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         **state}, os.path.join(d, "state.pt"))
             checkpoint = ray.train.Checkpoint.from_directory(d)
-            print(f"[{config['member']}] epoch {metrics['epoch']}/{config['epochs']} loss {metrics['train_loss']:.3f} "
-                  f"val macro-F1 {metrics['val_macro_f1']:.3f} (best {state['best_f1']:.3f}) "
-                  f"{metrics['train_images_per_s']:.1f} img/s", flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -124,6 +121,7 @@ def train_loop(config: dict) -> None:
     model, opt, sched, loss_fn, state = _setup(config, device)
     unwrapped = model.module if hasattr(model, "module") else model
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    start_epoch = state["epoch"]  # > 0: resumed from a checkpoint
     for epoch in range(state["epoch"], config["epochs"]):
         seen, loss_sum, train_s = _train_epoch(model, opt, loss_fn, train_shard, config, epoch, gen, device)
         sched.step()
@@ -137,9 +135,8 @@ def train_loop(config: dict) -> None:
         state["epoch"] = epoch + 1
         metrics = {"epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1), "val_macro_f1": f1,
                    "best_val_macro_f1": state["best_f1"], "train_images_per_s": seen_total / max(train_s, 1e-9),
-                   "lr": sched.get_last_lr()[0]}
-        _report(model, opt, sched, state, metrics, config, rank)
-        if state["bad_epochs"] >= config["patience"]:
-            if rank == 0:
-                print(f"[{config['member']}] early stop: no val macro-F1 gain in {config['patience']} epochs", flush=True)
+                   "lr": sched.get_last_lr()[0], "start_epoch": start_epoch, "bad_epochs": state["bad_epochs"],
+                   "early_stop": state["bad_epochs"] >= config["patience"]}
+        _report(model, opt, sched, state, metrics, rank)
+        if metrics["early_stop"]:
             break

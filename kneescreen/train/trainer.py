@@ -22,6 +22,7 @@ from kneescreen.model.registry import normalisation
 from kneescreen.train.config import MemberSpec, TrainConfig
 from kneescreen.train.data import TrainingData
 from kneescreen.train.loop import train_loop
+from kneescreen.train.progress import EpochProgress
 
 
 def _run_dataset(rows: TrainingData, key: str) -> ray.data.Dataset:
@@ -31,14 +32,12 @@ def _run_dataset(rows: TrainingData, key: str) -> ray.data.Dataset:
     return ds.materialize()
 
 
-def train_member(member: MemberSpec, train: TrainingData, val: TrainingData, cfg: TrainConfig, run_name: str,
-                 store: Store):
-    """Fine-tune one member with TorchTrainer. Returns (best state dict, metrics history)."""
+def _trainer(member: MemberSpec, train: TrainingData, val: TrainingData, cfg: TrainConfig, run_name: str,
+             store: Store, callbacks: list) -> TorchTrainer:
     key = member.input_key
-    train_ds, val_ds = _run_dataset(train, key), _run_dataset(val, key)
     mean, std = normalisation(member.architecture, member.input_mode)
     fs, storage_path = store.filesystem(cfg.checkpoints())
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={
             "architecture": member.architecture, "input_mode": member.input_mode, "weights": member.weights,
@@ -51,13 +50,20 @@ def train_member(member: MemberSpec, train: TrainingData, val: TrainingData, cfg
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
                                      placement_strategy=cfg.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": _run_dataset(train, key), "val": _run_dataset(val, key)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
-    result = trainer.fit()
+
+
+def train_member(member: MemberSpec, train: TrainingData, val: TrainingData, cfg: TrainConfig, run_name: str,
+                 store: Store):
+    """Fine-tune one member with TorchTrainer; every reported epoch is logged as it arrives
+    (`train.progress`). Returns (best state dict, metrics history)."""
+    with EpochProgress(member.name, cfg.epochs) as progress:
+        result = _trainer(member, train, val, cfg, run_name, store, [progress.callback]).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{member.name}: training produced no checkpoint")
     with result.checkpoint.as_directory() as d:
