@@ -93,6 +93,9 @@ class RadiographMeta:
     sex: str | None = None
     age: float | None = None
     study_date: str | None = None
+    # SeriesDate, else AcquisitionDate, else ContentDate: the film's date where StudyDate is empty
+    # (some modality worklists leave it blank); `kneescreen link` falls back to it.
+    other_date: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
     sop_uid: str | None = None
@@ -675,6 +678,7 @@ def _dicom_meta(ds) -> RadiographMeta:
         sex=sex,
         age=_parse_age(_str(ds, "PatientAge"), _str(ds, "PatientBirthDate"), _str(ds, "StudyDate")),
         study_date=_str(ds, "StudyDate"),
+        other_date=_str(ds, "SeriesDate") or _str(ds, "AcquisitionDate") or _str(ds, "ContentDate"),
         study_uid=_str(ds, "StudyInstanceUID"),
         series_uid=_str(ds, "SeriesInstanceUID"),
         sop_uid=_str(ds, "SOPInstanceUID"),
