@@ -23,6 +23,7 @@ from kneescreen.errors import KneescreenError
 from kneescreen.io.inspect import InspectConfig, run_inspect
 from kneescreen.io.reader import ReaderConfig
 from kneescreen.io.store import Store, join
+from kneescreen.link.config import LinkConfig
 from kneescreen.report import ReportConfig, build_report
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.pipeline import run_screen
@@ -98,6 +99,14 @@ def run_screen_config(cfg) -> int:
     return 0
 
 
+def _run_link(cfg) -> int:
+    from kneescreen.link.audit import format_audit
+    from kneescreen.link.run import run_link
+
+    print(format_audit(run_link(cfg), cfg.out))
+    return 0
+
+
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     """name -> (config dataclass, runner, help)."""
     return {
@@ -105,6 +114,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "inspect": (InspectConfig, _run_inspect, "one JSON line per file: how the reader decodes it"),
         "synth": (SynthCommand, _run_synth, "generate a synthetic knee radiograph archive + labels"),
         "split": (SplitCommand, _run_split, "fingerprint, dedupe and split a labelled collection without leakage"),
+        "link": (LinkConfig, _run_link, "link archive radiographs to a DXA registry: training labels + audit"),
         "train": (TrainConfig, run_train_config, "fine-tune the ensemble on Ray Train and write a model bundle"),
         "evaluate": (EvaluateConfig, _run_evaluate, "evaluate a bundle on a split: table, JSON and Parquet"),
         "report": (ReportConfig, _run_report, "HTML report + PNG figures from a screening output (local or s3://)"),

@@ -15,7 +15,7 @@ LAYERS = [
     {"kneescreen.io"},
     {"kneescreen._private", "kneescreen.data"},
     {"kneescreen.model"},
-    {"kneescreen.train", "kneescreen.screen"},
+    {"kneescreen.train", "kneescreen.screen", "kneescreen.link"},
     {"kneescreen.report"},
     {"kneescreen.demo"},
     {"kneescreen.cli"},

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from kneescreen.config import opt
+from kneescreen.data import link_output
 from kneescreen.data import split_local as local
 from kneescreen.data import split_stages as st
 from kneescreen.data.fingerprints import ITEM_SCHEMA, thumbnail  # noqa: F401  (thumbnail: public helper)
@@ -116,6 +117,9 @@ def iter_collection(source: str, images_root: str | None = None, store: Store | 
     """`load_collection` in batches of up to ``batch_rows`` items, reading the labels file in
     record batches (bounded memory whatever its length)."""
     store = store or Store.resolve()
+    if link_output.is_link_output(store, source):  # `kneescreen link` output: labels/ + link_audit.json
+        yield from ([Item(**r) for r in rows] for rows in link_output.item_rows(store, source, batch_rows))
+        return
     labels_uri = None
     if source.endswith((".csv", ".parquet")):
         labels_uri = source

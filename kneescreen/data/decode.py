@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kneescreen.data import link_output
 from kneescreen.data.datasets import to_float
 from kneescreen.data.knee import view_inputs
 from kneescreen.data.preprocess import blank_input, letterbox
@@ -90,7 +91,8 @@ def load_side_table(store: Store, uri: str | None) -> dict[str, dict]:
     if not uri:
         return {}
     out: dict[str, dict] = {}
-    for row in store.read_table(uri):
+    rows = link_output.reference_rows(store, uri) if link_output.is_link_output(store, uri) else store.read_table(uri)
+    for row in rows:
         for col in ("key", "path", "relative_path", "sop_instance_uid"):
             v = row.get(col)
             if v not in (None, ""):
