@@ -40,6 +40,9 @@ class SynthCommand:
 
     out: str = opt(help="output folder or s3:// prefix")
     endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    registry: bool = opt(False, "also write a DXA registry with known truth (registry.csv, registry_truth.csv)")
+    registry_window_days: int = opt(365, "the link window the registry's truth is built for")
+    registry_format: str = opt("csv", "registry file format", choices=("csv", "parquet"))
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -60,7 +63,12 @@ def _run_inspect(cfg: InspectConfig) -> int:
 
 def _run_synth(cfg: SynthCommand) -> int:
     store = Store.resolve(cfg.endpoint_url)
-    summary = write_archive(cfg.out, cfg.synth, store)
+    if cfg.registry:
+        from kneescreen.data.synth_registry import write_archive_with_registry
+
+        summary = write_archive_with_registry(cfg.out, cfg.synth, store, cfg.registry_window_days, cfg.registry_format)
+    else:
+        summary = write_archive(cfg.out, cfg.synth, store)
     store.write_bytes(join(cfg.out, "synth_config.yaml"), cfglib.dump_yaml(cfg).encode())
     print(json.dumps(summary, indent=2))
     return 0

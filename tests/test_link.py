@@ -15,13 +15,14 @@ import pytest
 from kneescreen.cli import main
 from kneescreen.data.decode import load_side_table
 from kneescreen.data.link_output import LABELS_SCHEMA
-from kneescreen.data.synth import SynthConfig, draw_subjects, write_archive
+from kneescreen.data.synth import SynthConfig, draw_subjects
+from kneescreen.data.synth_registry import write_archive_with_registry
 from kneescreen.io.privacy import ENV_KEY, patient_pseudo_id
 from kneescreen.io.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 KEY = "link-test-key-0123456789"
-ARCHIVE = SynthConfig(n=90, seed=5, size=64, plant_bad=True, registry=True, workers=1,
+ARCHIVE = SynthConfig(n=90, seed=5, size=64, plant_bad=True, workers=1,
                       formats=("dicom", "dicom", "dicom", "png"))
 
 
@@ -39,7 +40,7 @@ def key_env():
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("link-archive")
-    summary = write_archive(str(root), ARCHIVE)
+    summary = write_archive_with_registry(str(root), ARCHIVE)
     return root, summary
 
 

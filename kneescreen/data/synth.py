@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kneescreen.config import opt
-from kneescreen.data.synth_render import FOV_MM, knee_landmarks, render_knee  # noqa: F401  (public here too)
+from kneescreen.data.synth_render import FOV_MM, Subject, knee_landmarks, render_knee  # noqa: F401  (public here too)
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES, t_score_to_class
 
@@ -74,33 +74,7 @@ class SynthConfig:
                                    choices=("dicom", "png", "jpeg"))
     images_per_patient: int = opt(2, "images per synthetic patient")
     plant_bad: bool = opt(False, "add corrupt, truncated, non-image and non-knee objects")
-    registry: bool = opt(False, "also write a DXA registry with known truth beside the archive (registry.csv, "
-                         "registry_truth.csv; kneescreen.data.synth_registry)")
-    registry_window_days: int = opt(365, "the link window the registry's truth is built for")
-    registry_format: str = opt("csv", "registry file format", choices=("csv", "parquet"))
     workers: int = opt(0, "processes (0: one per core)")
-
-
-@dataclass(frozen=True)
-class Subject:
-    index: int
-    patient_ref: str
-    mrn: str
-    name: str
-    birth_date: str
-    study_date: str
-    age: float
-    sex: str
-    t_score: float
-    t_image: float
-    site: int
-    view: str
-    laterality: str
-    fmt: str
-    syntax: str
-    photometric: str
-    bits: int
-    seed: int
 
 
 def draw_subjects(cfg: SynthConfig) -> list[Subject]:
@@ -305,12 +279,7 @@ def write_archive(out_dir: str, cfg: SynthConfig = SynthConfig(), store: Store |
     if planted:
         store.write_csv(join(out_dir, "planted.csv"), [{"key": k, "expected": code} for k, (_, code) in planted.items()])
     counts = {c: sum(r["label"] == c for r in rows) for c in CLASSES}
-    extra = {}
-    if cfg.registry:
-        from kneescreen.data.synth_registry import write_registry
-
-        extra["registry"] = write_registry(out_dir, cfg, store, cfg.registry_window_days, cfg.registry_format)
-    return {**extra,
+    return {
         "images": len(rows), "planted_bad": len(planted), "classes": counts,
         "seconds": round(elapsed, 2), "images_per_s": round(len(rows) / max(elapsed, 1e-9), 1),
         "images_root": join(out_dir, "images"), "labels": join(out_dir, "labels.csv"),

@@ -28,7 +28,7 @@ import json
 
 import numpy as np
 
-from kneescreen.data.synth import SynthConfig, Subject, _key, draw_subjects
+from kneescreen.data.synth import SynthConfig, Subject, _key, draw_subjects, write_archive
 from kneescreen.io.store import Store, join
 from kneescreen.labels import t_score_to_class
 
@@ -171,3 +171,11 @@ def write_registry(out_dir: str, cfg: SynthConfig, store: Store, window: int = 3
     store.write_csv(join(out_dir, "registry_truth.csv"), [{"key": k, **v} for k, v in sorted(truth.items())], tfields)
     store.write_bytes(join(out_dir, "registry_summary.json"), json.dumps(summary, indent=2).encode())
     return {**summary, "registry": uri, "truth": join(out_dir, "registry_truth.csv")}
+
+
+def write_archive_with_registry(out_dir: str, cfg: SynthConfig, store: Store | None = None, window: int = 365,
+                                fmt: str = "csv") -> dict:
+    """`synth.write_archive`, then the registry beside it; the summary gains ``registry``."""
+    store = store or Store.resolve()
+    summary = write_archive(out_dir, cfg, store)
+    return {**summary, "registry": write_registry(out_dir, cfg, store, window, fmt)}

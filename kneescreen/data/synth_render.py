@@ -6,12 +6,31 @@ trabecular spacing and cortical thickness at physical scale (`FOV_MM`)."""
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from kneescreen.data.synth import Subject
+
+@dataclass(frozen=True)
+class Subject:
+    index: int
+    patient_ref: str
+    mrn: str
+    name: str
+    birth_date: str
+    study_date: str
+    age: float
+    sex: str
+    t_score: float
+    t_image: float
+    site: int
+    view: str
+    laterality: str
+    fmt: str
+    syntax: str
+    photometric: str
+    bits: int
+    seed: int
 
 
 @functools.lru_cache(maxsize=8)
