@@ -16,8 +16,10 @@ writers' bounded buffers and counters: never a dict of the archive or of the reg
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import pathlib
 import time
 import zlib
 from collections import Counter
@@ -31,7 +33,7 @@ from kneescreen import config as cfglib
 from kneescreen.data.link_output import AUDIT_FILE
 from kneescreen.errors import KneescreenError
 from kneescreen.io.privacy import pseudonym_key
-from kneescreen.io.store import Store, join
+from kneescreen.io.store import Store, is_s3, join
 from kneescreen.link.audit import build_audit
 from kneescreen.link.config import LinkConfig
 from kneescreen.link.headers import HeaderSpec, header_batch
@@ -158,6 +160,8 @@ def run_link(cfg: LinkConfig, store: Store | None = None, film_source: Callable 
 
     t0 = time.perf_counter()
     store = store or Store.resolve(cfg.endpoint_url)
+    if not is_s3(cfg.archive) and "://" not in cfg.archive:  # the audit's root must resolve from any directory
+        cfg = dataclasses.replace(cfg, archive=str(pathlib.Path(cfg.archive).absolute()))
     key = pseudonym_key(required=True)  # the same secret as screening's, or the pseudonyms cannot match
     t_cols = registry_columns(read_column_names(store, cfg.registry), cfg.id_column, cfg.date_column,
                               f"--registry {cfg.registry}")
