@@ -93,8 +93,13 @@ def simulated_films(n: int):
 
 def run_one(n: int, registry: str, out: str) -> dict:
     os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "bench-link-key-0123456789")
+    import ray
+
     from kneescreen.link.config import LinkConfig
     from kneescreen.link.run import run_link
+
+    # A fresh local instance: never attach to a cluster another process started on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
 
     t0 = time.perf_counter()
     audit = run_link(LinkConfig(archive="sim://archive", registry=registry, out=out), film_source=simulated_films(n))

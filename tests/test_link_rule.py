@@ -153,3 +153,11 @@ def test_unlinked_and_skipped_rows_keep_their_reasons():
         "c.dcm": ("skipped", "not_knee"), "d.png": ("unlinked", "not_dicom"), "e.dcm": ("unlinked", "patient_not_in_registry")}
     assert stats["skipped"] == {"not_knee": 1} and stats["unlinked"] == {"not_dicom": 1, "patient_not_in_registry": 1}
     assert stats["registry_patients"] == 1 and stats["bytes_read"] == 400
+
+
+def test_a_partition_with_one_side_empty():
+    """Hash partitions can hold only exams (registry-only patients) or only films."""
+    _, _, stats = _link(_films({"key": "a.dcm", "patient_pseudo_id": "p9"}).slice(0, 0), _exams(("p1", 0, -1.0)))
+    assert stats["linked"] == 0 and stats["registry_patients"] == 1
+    got, missed, _ = _link(_films({"key": "a.dcm", "patient_pseudo_id": "p9"}), _exams(("p1", 0, -1.0)).slice(0, 0))
+    assert not got and missed["a.dcm"]["reason"] == "patient_not_in_registry"
