@@ -86,12 +86,11 @@ def _print_summary(root, synth, link, link_ok, source, tcfg, trained, first, sec
     sel = trained["selection"]
     size = f"{tcfg.image_size}px" if tcfg.image_size else "native size"
     c = link["counts"]
-    print(f"  link       {c['listed']} objects x {link['registry_rows']['rows']} registry rows -> linked {c['linked']} "
-          f"({', '.join(f'{k} {v}' for k, v in link['classes'].items())}), unlinked {sum(c['unlinked'].values())}, "
-          f"skipped {sum(c['skipped'].values())}")
-    print(f"             gap median {link['gap_days']['median']} d, p90 {link['gap_days']['p90']} d; "
-          f"{link['conflicting_patients']} conflicting patients; {sum(link['registry_rows']['bad'].values())} bad "
-          f"registry rows; synthetic truth {'recovered' if link_ok else 'NOT recovered'} -> {root / 'link'}")
+    print(f"  link       {c['listed']} objects x {link['registry_rows']['rows']} DXA rows -> linked {c['linked']} "
+          f"({', '.join(f'{k} {v}' for k, v in link['classes'].items())}; gap median {link['gap_days']['median']} d), "
+          f"unlinked {sum(c['unlinked'].values())}, {link['conflicting_patients']} conflicting patients, "
+          f"{sum(link['registry_rows']['bad'].values())} bad rows; synthetic truth "
+          f"{'recovered' if link_ok else 'NOT recovered'} -> {root / 'link'}")
     print(f"  model      bundle {trained['version']} ({', '.join(tcfg.members)}, {size}) trained on {source}")
     print(f"  deployed   {sel['deployed']}: best out-of-fold evidence over {sel['n']} images "
           f"(balanced accuracy {sel['candidates'][sel['deployed']]['balanced_accuracy']:.2f}; rule in the manifest)")
