@@ -161,3 +161,22 @@ def test_a_partition_with_one_side_empty():
     assert stats["linked"] == 0 and stats["registry_patients"] == 1
     got, missed, _ = _link(_films({"key": "a.dcm", "patient_pseudo_id": "p9"}), _exams(("p1", 0, -1.0)).slice(0, 0))
     assert not got and missed["a.dcm"]["reason"] == "patient_not_in_registry"
+
+
+def test_link_job_entry_point_takes_the_command_flags(tmp_path, capsys):
+    """jobs/link.py (for `ray job submit`) resolves the same settings as `kneescreen link`."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "jobs" / "link.py"
+    spec = importlib.util.spec_from_file_location("link_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cfg = tmp_path / "link.yaml"
+    cfg.write_text("archive: s3://a/knees\nregistry: s3://r/dxa.parquet\nout: s3://o/link\n")
+    assert job.main(["--config", str(cfg), "--window-days", "180", "--dry-run"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["archive"], got["window_days"], got["registry_ids"]) == ("s3://a/knees", 180, "raw")
+    assert job.main(["--config", str(cfg), "--window-days", "-1", "--dry-run"]) == 2
+    assert "--window-days must be 0 or more" in capsys.readouterr().err
