@@ -101,7 +101,8 @@ def _bad_row(kind: str, mrn: str, film: _dt.date) -> dict:
 def planted_truth(cfg: SynthConfig, subjects: list[Subject], truth: dict[str, dict]) -> dict[str, dict]:
     """What the link must say of each planted bad object (`synth.planted_bad_files`)."""
     none = {"expect": "patient_not_in_registry"}  # the planted objects' own patients have no DXA
-    firsts = sorted((_key(s), s) for s in subjects[:3] if s.fmt == "dicom")
+    # `write_archive` keeps its first two files for the planted ones: the first of them by key that is DICOM.
+    firsts = sorted((_key(s), s) for s in subjects[:2] if s.fmt == "dicom")
     source_key, source = firsts[0] if firsts else (None, draw_subjects(SynthConfig(n=1, seed=cfg.seed + 7, size=cfg.size))[0])
     # Half a DICOM: native pixel data announces a length the object no longer has (the header
     # is refused); encapsulated (compressed) data has no length up front, so the header reads.
