@@ -48,6 +48,8 @@ COMMANDS: dict[str, Command] = {
                      "generate a synthetic knee radiograph archive + labels"),
     "split": Command("kneescreen._private.commands:SplitCommand", "kneescreen.cli:run_split_config",
                      "fingerprint, dedupe and split a labelled collection without leakage"),
+    "link": Command("kneescreen.link.config:LinkConfig", "kneescreen.cli:run_link_config",
+                    "link archive radiographs to a DXA registry: training labels + audit"),
     "train": Command("kneescreen.train.config:TrainConfig", "kneescreen.cli:run_train_config",
                      "fine-tune the ensemble on Ray Train and write a model bundle"),
     "evaluate": Command("kneescreen.train.evaluate:EvaluateConfig", "kneescreen.cli:run_evaluate_config",
@@ -72,7 +74,12 @@ def run_synth_config(cfg) -> int:
     from kneescreen.io.store import Store, join
 
     store = Store.resolve(cfg.endpoint_url)
-    summary = write_archive(cfg.out, cfg.synth, store)
+    if cfg.registry:
+        from kneescreen.data.synth_registry import write_archive_with_registry
+
+        summary = write_archive_with_registry(cfg.out, cfg.synth, store, cfg.registry_window_days, cfg.registry_format)
+    else:
+        summary = write_archive(cfg.out, cfg.synth, store)
     store.write_bytes(join(cfg.out, "synth_config.yaml"), cfglib.dump_yaml(cfg).encode())
     print(json.dumps(summary, indent=2))
     return 0
@@ -122,6 +129,15 @@ def run_screen_config(cfg) -> int:
 
     manifest = run_screen(cfg)
     print(json.dumps({k: manifest[k] for k in ("run_id", "model_version", "counts", "throughput_images_per_s")}, indent=2))
+    return 0
+
+
+def run_link_config(cfg) -> int:
+    """Link an archive to a DXA registry with a resolved `LinkConfig` and print the audit table."""
+    from kneescreen.link.audit import format_audit
+    from kneescreen.link.run import run_link
+
+    print(format_audit(run_link(cfg), cfg.out))
     return 0
 
 

@@ -17,6 +17,9 @@ class SynthCommand:
 
     out: str = opt(help="output folder or s3:// prefix")
     endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    registry: bool = opt(False, "also write a DXA registry with known truth (registry.csv, registry_truth.csv)")
+    registry_window_days: int = opt(365, "the link window the registry's truth is built for")
+    registry_format: str = opt("csv", "registry file format", choices=("csv", "parquet"))
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

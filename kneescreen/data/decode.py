@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kneescreen.data import link_output
 from kneescreen.data.knee.views import view_inputs
 from kneescreen.data.preprocess import blank_input, letterbox
 from kneescreen.errors import DecodeError, KneescreenError
-from kneescreen.io.privacy import pseudonymise
+from kneescreen.io.privacy import patient_pseudo_id, pseudonymise
 from kneescreen.io.reader import RadiographMeta, ReaderConfig, read_dicom_header, read_radiograph
 from kneescreen.io.store import Store, join
 from kneescreen.labels import age_band, normalise_label, t_score_to_class, to_float
@@ -89,7 +90,8 @@ def load_side_table(store: Store, uri: str | None) -> dict[str, dict]:
     if not uri:
         return {}
     out: dict[str, dict] = {}
-    for row in store.read_table(uri):
+    rows = link_output.reference_rows(store, uri) if link_output.is_link_output(store, uri) else store.read_table(uri)
+    for row in rows:
         for col in ("key", "path", "relative_path", "sop_instance_uid"):
             v = row.get(col)
             if v not in (None, ""):
@@ -106,7 +108,7 @@ HEAD_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 1024 * 1024
 
 
-class _Ranged:
+class RangedRead:
     """One object read front to back in ranges, counting the bytes that arrive. Every read after
     the first names the first one's version, so the pieces come from one version of the object."""
 
@@ -126,17 +128,40 @@ class _Ranged:
         self.size, self.etag = part.size, part.etag
 
 
-def _skip_reason(spec: DecodeSpec, meta: RadiographMeta) -> tuple[str, str] | None:
-    """(error code, message) when policy skips an object with this header, else None."""
+def skip_reason(meta: RadiographMeta, body_part_policy: str = "skip") -> tuple[str, str] | None:
+    """(error code, message) when policy skips an object with this header, else None: THE skip
+    policy, shared by screening's decode and triage and by `kneescreen link`."""
     body = (meta.body_part or "").upper()
     if meta.modality and meta.modality.upper() not in RADIOGRAPH_MODALITIES:
         return "not_radiograph", f"modality {meta.modality} is not a radiograph"
-    if spec.body_part_policy == "skip" and body and body not in KNEE_BODY_PARTS:
+    if body_part_policy == "skip" and body and body not in KNEE_BODY_PARTS:
         return "not_knee", f"BodyPartExamined is {meta.body_part}"
     return None
 
 
-def _fetch(spec: DecodeSpec, obj: _Ranged, cfg: ReaderConfig) -> RadiographMeta | None:
+def _skip_reason(spec: DecodeSpec, meta: RadiographMeta) -> tuple[str, str] | None:
+    return skip_reason(meta, spec.body_part_policy)
+
+
+def read_header(obj: RangedRead, cfg: ReaderConfig) -> RadiographMeta | None:
+    """The header facts of a DICOM object, reading no more of it than its header needs: the first
+    `HEAD_BYTES` (unless ``obj`` already holds bytes), then doubling while the header continues,
+    up to `MAX_HEADER_BYTES`.
+
+    Returns:
+        The checked header (`read_dicom_header`), or None: not DICOM, or a header only the whole
+        object's read can judge (``obj.data`` then holds what was read so far).
+    """
+    if not obj.data and not obj.complete:
+        obj.extend(HEAD_BYTES)
+    while True:
+        header = read_dicom_header(obj.data, cfg, obj.size)
+        if header.meta is not None or not header.needs_more or obj.complete or len(obj.data) >= MAX_HEADER_BYTES:
+            return header.meta
+        obj.extend(len(obj.data))  # double: a long header costs a few requests, not one per 64 KB
+
+
+def _fetch(spec: DecodeSpec, obj: RangedRead, cfg: ReaderConfig) -> RadiographMeta | None:
     """Read ``obj``: the header of a DICOM object first, the rest only if policy keeps it.
 
     Returns:
@@ -144,15 +169,10 @@ def _fetch(spec: DecodeSpec, obj: _Ranged, cfg: ReaderConfig) -> RadiographMeta 
         header); otherwise None with the whole object in ``obj.data``.
     """
     obj.extend(HEAD_BYTES)
-    while not obj.complete:
-        header = read_dicom_header(obj.data, cfg, obj.size)
-        if header.meta is not None:
-            if _skip_reason(spec, header.meta) is not None:
-                return header.meta
-            break
-        if not header.needs_more or len(obj.data) >= MAX_HEADER_BYTES:
-            break
-        obj.extend(len(obj.data))  # double: a long header costs a few requests, not one per 64 KB
+    if not obj.complete:  # an object that arrived whole in one request is decoded as it is
+        meta = read_header(obj, cfg)
+        if meta is not None and _skip_reason(spec, meta) is not None:
+            return meta
     if not obj.complete:
         obj.extend(obj.size - len(obj.data))  # the rest, not the whole object again
     return None
@@ -160,7 +180,7 @@ def _fetch(spec: DecodeSpec, obj: _Ranged, cfg: ReaderConfig) -> RadiographMeta 
 
 def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig):
     """(status, error_code, message, meta, image, bytes_read) for one object; never raises."""
-    obj = _Ranged(spec.store, uri)
+    obj = RangedRead(spec.store, uri)
     try:
         if spec.header_triage:
             meta = _fetch(spec, obj, cfg)
@@ -206,7 +226,7 @@ def _describe(spec: DecodeSpec, key: str, meta: RadiographMeta | None) -> dict:
     ref_label, ref_t = _reference(spec.reference.get(key) or (spec.reference.get(sop) if sop else None))
     return {
         "format": meta.format if meta else None,
-        "patient_pseudo_id": pseudonymise(meta.patient_id, spec.pseudo_key, "p") if meta else None,
+        "patient_pseudo_id": patient_pseudo_id(meta.patient_id, spec.pseudo_key) if meta else None,
         "study_pseudo_id": pseudonymise(meta.study_uid, spec.pseudo_key, "s") if meta else None,
         "laterality": (meta.laterality if meta else None) or side.get("laterality") or None,
         "view": (meta.view_position if meta else None) or side.get("view") or None,

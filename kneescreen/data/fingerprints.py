@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.privacy import pseudonymise
+from kneescreen.io.privacy import patient_pseudo_id
 from kneescreen.io.reader import read_radiograph
 from kneescreen.io.store import Store
 
@@ -91,7 +91,7 @@ def fingerprint_batch(batch: pa.Table, store: Store, key: bytes) -> pa.Table:
         thumbs.append(thumb)
         errors.append(err)
         if not patient and raw_patient:
-            patient = pseudonymise(raw_patient, key)  # from the DICOM header; never kept raw
+            patient = patient_pseudo_id(raw_patient, key)  # from the DICOM header; never kept raw
         patients.append(patient or "")
     cols = {name: batch.column(name) for name in ITEM_SCHEMA.names}
     cols.update(patient=pa.array(patients, pa.string()), pixel_hash=pa.array(hashes, pa.string()),

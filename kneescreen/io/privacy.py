@@ -73,3 +73,17 @@ def pseudonymise(value: str | None, key: bytes, kind: str = "p") -> str | None:
         return None
     digest = hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
     return f"{kind}_{digest[:20]}"
+
+
+def patient_pseudo_id(raw_id, key: bytes) -> str | None:
+    """The pseudonymous patient id of a raw patient identifier: THE one function both screening
+    (DICOM PatientID) and `kneescreen link` (a DXA registry's id column) go through, so the same
+    patient gets the same pseudonym on both sides.
+
+    Normalisation is leading/trailing whitespace only (DICOM pads odd-length values with a space;
+    CSV exports add stray blanks). Nothing else: case, leading zeros and punctuation are kept, so
+    ``MRN0042`` and ``mrn42`` are different patients. None or blank gives None.
+    """
+    if raw_id is None:
+        return None
+    return pseudonymise(str(raw_id).strip(), key, "p")

@@ -53,6 +53,9 @@ class RadiographMeta:
     sex: str | None = None
     age: float | None = None
     study_date: str | None = None
+    # SeriesDate, else AcquisitionDate, else ContentDate: the film's date where StudyDate is empty
+    # (some modality worklists leave it blank); `kneescreen link` falls back to it.
+    other_date: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
     sop_uid: str | None = None

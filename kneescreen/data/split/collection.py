@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from kneescreen.data import link_output
 from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, is_s3, join
 from kneescreen.labels import CLASSES, normalise_label, t_score_to_class, to_float
@@ -55,6 +56,9 @@ def iter_collection(source: str, images_root: str | None = None, store: Store | 
     """`load_collection` in batches of up to ``batch_rows`` items, reading the labels file in
     record batches (bounded memory whatever its length)."""
     store = store or Store.resolve()
+    if link_output.is_link_output(store, source):  # `kneescreen link` output: labels/ + link_audit.json
+        yield from ([Item(**r) for r in rows] for rows in link_output.item_rows(store, source, batch_rows))
+        return
     labels_uri = None
     if source.endswith((".csv", ".parquet")):
         labels_uri = source

@@ -95,6 +95,7 @@ def dicom_meta(ds) -> RadiographMeta:
         sex=sex,
         age=_parse_age(element_text(ds, "PatientAge"), element_text(ds, "PatientBirthDate"), element_text(ds, "StudyDate")),
         study_date=element_text(ds, "StudyDate"),
+        other_date=element_text(ds, "SeriesDate") or element_text(ds, "AcquisitionDate") or element_text(ds, "ContentDate"),
         study_uid=element_text(ds, "StudyInstanceUID"),
         series_uid=element_text(ds, "SeriesInstanceUID"),
         sop_uid=element_text(ds, "SOPInstanceUID"),
