@@ -161,7 +161,8 @@ def ray_local(s3_server):
     if ray.is_initialized() and ray.get_runtime_context().gcs_address != _SHARED.get("gcs"):
         ray.shutdown()  # not ours (started before the S3 server set the environment): replace it
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+        # address="local": a new instance, never a cluster some `ray start` left on this machine.
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
         _SHARED["gcs"] = ray.get_runtime_context().gcs_address
     yield ray
 
