@@ -19,7 +19,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # Logical CPUs: Ray Train workers and Ray Data tasks both ask for CPUs; on a 2-core
         # machine 2 training workers would otherwise leave Data nothing and stall it.
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+        # address="local": start one, even where `ray start` left /tmp/ray/ray_current_cluster
+        # behind (plain ray.init() would try to join that cluster and refuse num_cpus).
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=True, ignore_reinit_error=True)
     # Workers' output: to the log file unless --verbose (log_to_driver stays on so the driver
     # still receives it, e.g. training's per-epoch lines for the progress line).
