@@ -48,6 +48,14 @@ PREDICTIONS = pa.schema([
     # osteoporosis]; null where that predictor has no output (no covariate model, age/sex missing).
     pa.field("image_probs", pa.list_(pa.float64())),
     pa.field("covariates_probs", pa.list_(pa.float64())),
+    # rule_out (risk below the bundle's rule-out threshold: NPV >= target out of fold) | rule_in
+    # (PPV >= target) | refer (send to DXA); null for bundles trained before triage zones.
+    pa.field("triage_zone", pa.string()),
+    # T-score estimate and its split-conformal interval (the bundle's coverage, default 90%);
+    # null where the bundle has no T-score estimate (too few training T-scores: its manifest says).
+    pa.field("t_score_est", pa.float64()),
+    pa.field("t_score_lo", pa.float64()),
+    pa.field("t_score_hi", pa.float64()),
     pa.field("reference_label", pa.string()),
     pa.field("reference_t_score", pa.float64()),
     pa.field("decode_ms", pa.float64()),
