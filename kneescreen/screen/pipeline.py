@@ -7,6 +7,8 @@
       -> ensemble inference (ActorPoolStrategy: 1 GPU per actor on clusters, CPU actors here)
       -> postprocess (pure fn: schema.PREDICTIONS) -> write_parquet(predictions/...)
       -> stats (driver: this run's Parquet streamed batch by batch into counts)
+      -> patients (Ray Data: latest ok row per object over committed runs + this one, groupby
+         patient; `screen.patients`) -> patients/..., patient stats rows with reference labels
       -> runs/run_id=<r>.json (the commit, written last)
 
 Exactly once: a run is committed when its manifest exists (`ledger`). Before starting, a run
@@ -41,7 +43,9 @@ from kneescreen.screen.stages import (
     decode_stage,
     to_prediction_table,
 )
-from kneescreen.screen.stats import STATS_COLUMNS, PredictionCounts, compute_stats
+from kneescreen.screen.patients import write_patients
+from kneescreen.screen.schema import PATIENTS
+from kneescreen.screen.stats import STATS_COLUMNS, PredictionCounts, compute_stats, patient_stats
 
 _logger = logging.getLogger(__name__)
 DECODE_MEMORY = 512 * 1024**2
@@ -120,6 +124,23 @@ def _count_predictions(store: Store, pred_uri: str, written: int) -> PredictionC
     return PredictionCounts.of(store.iter_parquet_batches(pred_uri, list(STATS_COLUMNS), schema=PREDICTIONS))
 
 
+def _patients(cfg: ScreenConfig, store: Store, runs: list[dict], run_id: str, version: str, pred_uri: str,
+              written: int) -> dict:
+    """Write the patients snapshot (and, with reference labels, the patient-level stats rows)."""
+    uris = [r["predictions"] for r in runs if r.get("predictions")] + ([pred_uri] if written else [])
+    if uris:
+        ensure_ray()
+    dest = write_patients(store, cfg.output, uris, run_id, version)
+    n = store.count_parquet_rows(dest)
+    if cfg.reference:
+        batches = store.iter_parquet_batches(dest, ["predicted_class", "reference_label", "low_bmd_flag"],
+                                             schema=PATIENTS)
+        store.write_parquet(patient_stats(batches, run_id, version),
+                            join(cfg.output, "stats", f"model_version={version}", f"run_id={run_id}",
+                                 "patient_stats.parquet"))
+    return {"uri": dest, "rows": n}
+
+
 def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, listing: dict, counts,
                   started: _dt.datetime, timing: dict, pred_uri: str) -> dict:
     """The run manifest (the commit's content).
@@ -180,8 +201,12 @@ def run_screen(cfg: ScreenConfig, store: Store | None = None) -> dict:
     counts = _count_predictions(store, pred_uri, written)
     store.write_parquet(compute_stats(counts, run_id, bundle.version),
                         join(cfg.output, "stats", f"model_version={bundle.version}", f"run_id={run_id}", "stats.parquet"))
-    timing = {"list_and_diff": t_listed - t_start, "screen": t_screened - t_listed, "total": time.perf_counter() - t_start}
+    patients = _patients(cfg, store, runs, run_id, bundle.version, pred_uri, written)
+    timing = {"list_and_diff": t_listed - t_start, "screen": t_screened - t_listed,
+              "patients": time.perf_counter() - t_screened, "total": time.perf_counter() - t_start}
     manifest = _run_manifest(cfg, run_id, bundle.version, key, listing, counts, started, timing, pred_uri)
+    manifest["patients"] = patients["uri"]
+    manifest["counts"]["patients"] = patients["rows"]
     store.delete_prefix(listing["scratch"])
     # The resolved config beside the outputs: `kneescreen screen --config` replays this run.
     store.write_bytes(join(cfg.output, "configs", f"run_id={run_id}.yaml"), dump_yaml(cfg).encode())
