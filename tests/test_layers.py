@@ -16,7 +16,7 @@ LAYERS = [
     {"kneescreen._private", "kneescreen.data"},
     {"kneescreen.model"},
     {"kneescreen.train", "kneescreen.screen"},
-    {"kneescreen.report"},
+    {"kneescreen.report", "kneescreen.report_referral"},
     {"kneescreen.demo"},
     {"kneescreen.cli"},
 ]

@@ -40,7 +40,7 @@ AGGREGATION_RULE = ("the highest-risk film of the latest study (by study date; u
                     "study id) over the latest committed ok prediction per object; films without a patient id are "
                     "one-film patients")
 STATE_COLUMNS = ("key", "status", "patient_pseudo_id", "study_pseudo_id", "study_date", "laterality", "risk_score",
-                 "predicted_class", "low_bmd_flag", "triage_zone", "t_score_est", "t_score_lo", "t_score_hi",
+                 "p_osteoporosis", "predicted_class", "low_bmd_flag", "triage_zone", "t_score_est", "t_score_lo", "t_score_hi",
                  "predictor", "model_version", "run_id", "reference_label", "reference_t_score", "screened_at")
 STATE_SCHEMA = pa.schema([PREDICTIONS.field(c) for c in STATE_COLUMNS] + [pa.field("patient_group", pa.string())])
 
@@ -94,7 +94,7 @@ def aggregate_patient(group: pa.Table, run_id: str, model_version: str) -> pa.Ta
         "n_studies": len({r["study"] for r in rows}), "first_study_date": min(dates) if dates else None,
         "last_study_date": max(dates) if dates else None, "deciding_key": top["key"],
         "deciding_study_pseudo_id": top["study_pseudo_id"], "deciding_laterality": top["laterality"],
-        **{c: top[c] for c in ("risk_score", "predicted_class", "low_bmd_flag", "triage_zone", "t_score_est",
+        **{c: top[c] for c in ("risk_score", "p_osteoporosis", "predicted_class", "low_bmd_flag", "triage_zone", "t_score_est",
                                "t_score_lo", "t_score_hi", "predictor")},
         "deciding_model_version": top["model_version"], "deciding_run_id": top["run_id"],
         "reference_label": max(refs, key=CLASSES.index) if refs else None,

@@ -99,7 +99,8 @@ PATIENTS = pa.schema([
     pa.field("deciding_key", pa.string(), nullable=False),  # the film whose prediction is the patient's
     pa.field("deciding_study_pseudo_id", pa.string()),
     pa.field("deciding_laterality", pa.string()),
-    pa.field("risk_score", pa.float64()),
+    pa.field("risk_score", pa.float64()),  # the deciding film's low-BMD risk
+    pa.field("p_osteoporosis", pa.float64()),
     pa.field("predicted_class", pa.string()),
     pa.field("low_bmd_flag", pa.bool_()),
     pa.field("triage_zone", pa.string()),
