@@ -114,8 +114,7 @@ def evaluate_arrays(bundle: Bundle, data, n_boot: int = 1000) -> dict:
     report["deployed"] = bundle.manifest.selection["deployed"] if bundle.manifest.selection else bundle.manifest.predictor
     report["image_value"] = image_value(outputs, y, list(data["age"]), list(data["sex"]),
                                         list(data.get("t_score") or [None] * len(y)))
-    if "member_logits" in data:  # triage zones and the T-score estimate on these rows
-        report.update(referral_figures(bundle, data))
+    report.update(referral_figures(bundle, data))  # triage zones and the T-score estimate
     return report
 
 

@@ -20,10 +20,14 @@ def referral_figures(bundle: Bundle, data: dict) -> dict:
     """``{"triage": ..., "t_score": ...}`` for labelled rows; each None when the bundle has none.
 
     Args:
-        data: ``label``, ``age``, ``sex``, ``t_score`` and ``member_logits`` (`evaluate.with_logits`).
+        data: ``label``, ``age``, ``sex``, ``t_score`` (optional) and ``member_logits``
+            (`evaluate.with_logits`) or ``images``, as `evaluate.predictor_outputs` takes.
     """
     m = bundle.manifest
-    pred = bundle.predict_logits(data["member_logits"], data["age"], data["sex"])
+    if "member_logits" in data:
+        pred = bundle.predict_logits(data["member_logits"], data["age"], data["sex"])
+    else:
+        pred = bundle.predict(data["images"], data["age"], data["sex"])
     y = np.asarray(data["label"], int)
     out: dict = {"triage": None, "t_score": None}
     if m.triage is not None:
