@@ -142,11 +142,11 @@ def _patients(cfg: ScreenConfig, store: Store, runs: list[dict], run_id: str, ve
 
 
 def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, listing: dict, counts,
-                  started: _dt.datetime, timing: dict, pred_uri: str) -> dict:
+                  started: _dt.datetime, timing: dict, pred_uri: str, patients: dict | None = None) -> dict:
     """The run manifest (the commit's content).
 
     ``counts`` is the run's `PredictionCounts`, or its rows (a DataFrame or Arrow table) for
-    callers that hold them.
+    callers that hold them; ``patients`` the snapshot `_patients` wrote (uri, rows).
     """
     counts = counts if isinstance(counts, PredictionCounts) else PredictionCounts.of(counts)
     written = counts.rows
@@ -161,7 +161,8 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         # retried: objects screened again because an earlier committed run of this model version
         # left them as errors (transient ones, or any with --retry-errors).
         "counts": {"listed": listing["listed"], "already_screened": listing["already_done"], "screened": written,
-                   "retried": listing.get("retried", 0), **counts.status_counts()},
+                   "retried": listing.get("retried", 0), **counts.status_counts(),
+                   "patients": patients["rows"] if patients else 0},
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "throughput_images_per_s": round(written / screen_s, 2) if written and screen_s > 0 else None,
         "error_codes": {k: int(v) for k, v in sorted(counts.error_codes.items(), key=lambda kv: (-kv[1], kv[0]))},
@@ -169,6 +170,8 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         "bytes_read": int(counts.bytes_read),
         "config": to_flat_dict(cfg),
         "predictions": pred_uri if written else None,
+        # This run's patients snapshot (`screen.patients`): the archive's state per patient.
+        "patients": patients["uri"] if patients else None,
     }
 
 
@@ -202,11 +205,8 @@ def run_screen(cfg: ScreenConfig, store: Store | None = None) -> dict:
     store.write_parquet(compute_stats(counts, run_id, bundle.version),
                         join(cfg.output, "stats", f"model_version={bundle.version}", f"run_id={run_id}", "stats.parquet"))
     patients = _patients(cfg, store, runs, run_id, bundle.version, pred_uri, written)
-    timing = {"list_and_diff": t_listed - t_start, "screen": t_screened - t_listed,
-              "patients": time.perf_counter() - t_screened, "total": time.perf_counter() - t_start}
-    manifest = _run_manifest(cfg, run_id, bundle.version, key, listing, counts, started, timing, pred_uri)
-    manifest["patients"] = patients["uri"]
-    manifest["counts"]["patients"] = patients["rows"]
+    timing = {"list_and_diff": t_listed - t_start, "screen": t_screened - t_listed, "total": time.perf_counter() - t_start}
+    manifest = _run_manifest(cfg, run_id, bundle.version, key, listing, counts, started, timing, pred_uri, patients)
     store.delete_prefix(listing["scratch"])
     # The resolved config beside the outputs: `kneescreen screen --config` replays this run.
     store.write_bytes(join(cfg.output, "configs", f"run_id={run_id}.yaml"), dump_yaml(cfg).encode())
