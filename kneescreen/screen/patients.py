@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES
 from kneescreen.screen.schema import PATIENTS, PREDICTIONS
@@ -144,6 +145,10 @@ def write_patients(store: Store, output: str, prediction_uris: list[str], run_id
     ds = build_patients(store, files, run_id, model_version)
     fs, path = store.filesystem(dest)
     ds.write_parquet(path, filesystem=fs, schema=PATIENTS)
-    if not store.list_objects(dest, include=("*.parquet",)):  # no ok rows anywhere: an empty snapshot
+    try:
+        wrote = next(iter(store.list_objects(dest, include=("*.parquet",))), None) is not None
+    except KneescreenError:  # a local folder Ray never created
+        wrote = False
+    if not wrote:  # no ok rows anywhere: an empty snapshot, so readers find the table
         store.write_parquet(PATIENTS.empty_table(), join(dest, "patients.parquet"))
     return dest
