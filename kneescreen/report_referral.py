@@ -138,6 +138,11 @@ def worklist_html(patients: pd.DataFrame, images: pd.DataFrame, triage: dict | N
     cells = [[z, str(v["n"]), _pct(*v["fraction"])] for z, v in f["zones"].items()]
     parts.append("<table><tr><th>zone</th><th>patients</th><th>% of patients (95% CI)</th></tr>" + _rows(cells) + "</table>")
     lines = [f"DXA scans avoided against referring everyone: {_pct(*f['avoided'])} per 100 patients"]
+    if len(images) and "triage_zone" in images:
+        films = images.loc[images["status"] == "ok", "triage_zone"].dropna()
+        if len(films):
+            lines.append(f"films triaged (rule-out or rule-in): {_pct(*wilson(int((films != 'refer').sum()), len(films)))}% "
+                         f"of {len(films)} screened films")
     if "expected_yield" in f:
         lines.append(f"expected osteoporosis yield: {_pct(*f['expected_yield'])} per 100 referrals (model)")
     if "observed_yield" in f:
