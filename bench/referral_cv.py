@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--members", default="efficientnet_lite0:gray:frozen")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    import ray
+
+    # A new local cluster even where a `ray start` head is running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     if "dev" in args.which:
         _run(os.path.abspath(args.dev), "dev", args.members)
     if "synth" in args.which:
