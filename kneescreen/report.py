@@ -5,8 +5,7 @@ Reads only what `screen` wrote (committed runs), locally or from S3:
   state: the latest committed prediction per object);
 - with reference labels: confusion-matrix heat map, metric table with 95% intervals, ROC curves
   (one-vs-rest and low-BMD) and a calibration curve of the low-BMD risk score;
-- error and skip reasons;
-- the referral worklist per patient (`kneescreen.report_referral`);
+- error and skip reasons; the per-patient referral worklist (`report_referral`: + the bundle's zones);
 - trends across runs: low-BMD prevalence with intervals and throughput per run, by model version,
   with a drift flag when consecutive intervals do not overlap.
 """
@@ -31,7 +30,7 @@ from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES
 from kneescreen.metrics import binary_counts, confusion_matrix, paired_bootstrap, partial_spearman, roc_auc, wilson
-from kneescreen.report_referral import fig_t_score, load_worklist_inputs, worklist_html
+from kneescreen.report_referral import fig_t_score, worklist_section
 from kneescreen.screen.ledger import committed_runs
 
 _logger = logging.getLogger(__name__)
@@ -394,9 +393,7 @@ def build_report(output: str, out_dir: str, store: Store | None = None) -> str:
                         f"{base64.b64encode(data).decode()}'>")
     if table_html:
         sections.insert(1, table_html)
-    patients, triage = load_worklist_inputs(store, runs)
-    if patients is not None:
-        sections.insert(0, worklist_html(patients, current, triage))
+    sections.insert(0, worklist_section(store, runs, current))
     path = os.path.join(out_dir, "report.html")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(_document(output, _summary(current, runs, trend), sections, trend))

@@ -164,6 +164,12 @@ def worklist_html(patients: pd.DataFrame, images: pd.DataFrame, triage: dict | N
     return "".join(parts)
 
 
+def worklist_section(store, runs: list[dict], current: pd.DataFrame) -> str:
+    """The section's HTML from the latest committed patients snapshot ("" before any run wrote one)."""
+    patients, triage = load_worklist_inputs(store, runs)
+    return "" if patients is None else worklist_html(patients, current, triage)
+
+
 def fig_t_score(images: pd.DataFrame) -> bytes | None:
     """Estimated vs reference T-score with the intervals (None without both)."""
     ok = images[(images["status"] == "ok") & images["reference_t_score"].notna()] if len(images) else images
