@@ -7,7 +7,7 @@
     3. train the default ensemble on Ray Train on the linked labels (``--train-on dev``: the real
        knee X-rays of ../shared/data/knee-xray-dev instead), calibrate, write the bundle
     4. screen the archive on Ray Data with the link output as reference -> predictions, stats,
-       run manifest (Parquet + JSON); then rescan: an unchanged archive finds nothing new
+       patients, run manifest (Parquet + JSON); then rescan: an unchanged archive finds nothing new
     5. report: HTML + PNG figures from the Parquet output
 
 Why train on the linked labels by default: it is the path a screening programme takes (its own
@@ -108,7 +108,8 @@ def _print_summary(root, synth, link, link_ok, source, tcfg, trained, first, sec
     c2 = second["counts"]
     print(f"  rescan     run {second['run_id']}: listed {c2['listed']}, already screened {c2['already_screened']}, "
           f"screened {c2['screened']} in {second['timing_s']['total']:.1f}s")
-    print(f"  outputs    {root / 'screening'}/ predictions/, stats/, runs/  (query: docs/queries.md)")
+    print(f"  worklist   {_worklist_summary(second, str(root / 'bundle'))}")
+    print(f"  outputs    {root / 'screening'}/ predictions/, stats/, patients/, runs/  (query: docs/queries.md)")
     print(f"  report     {report}")
     print(f"  took       {time.perf_counter() - t0:.0f}s")
 
@@ -138,6 +139,21 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> int:
     _print_summary(root, synth, link, link_ok, source, tcfg, trained, first, second, report, t0)
     ok = link_ok and first["counts"]["listed"] == synth["images"] + synth["planted_bad"] and second["counts"]["screened"] == 0
     return 0 if ok else 1
+
+
+def _worklist_summary(run: dict, bundle: str) -> str:
+    """Patients per triage zone in the run's snapshot, and the bundle's zone thresholds."""
+    from kneescreen.io.store import Store
+    from kneescreen.model.bundle import read_manifest
+
+    zones = pads.dataset(run["patients"], format="parquet", partitioning=None).to_table(
+        columns=["triage_zone"]).to_pandas()["triage_zone"].fillna("refer")
+    counts = collections.Counter(zones)
+    tri = read_manifest(bundle, Store()).triage
+    stated = ", ".join(f"{z.zone} {'empty' if z.threshold is None else f'risk {z.threshold:.3f}'}"
+                       for z in (tri.rule_out, tri.rule_in)) if tri else "no zones"
+    return (f"{len(zones)} patients: rule_out {counts['rule_out']}, refer {counts['refer']}, rule_in "
+            f"{counts['rule_in']} ({stated}; report: Referral worklist)")
 
 
 def _predictions_summary(output: str) -> str:

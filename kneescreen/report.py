@@ -5,7 +5,7 @@ Reads only what `screen` wrote (committed runs), locally or from S3:
   state: the latest committed prediction per object);
 - with reference labels: confusion-matrix heat map, metric table with 95% intervals, ROC curves
   (one-vs-rest and low-BMD) and a calibration curve of the low-BMD risk score;
-- error and skip reasons;
+- error and skip reasons; the per-patient referral worklist (`report_referral`: + the bundle's zones);
 - trends across runs: low-BMD prevalence with intervals and throughput per run, by model version,
   with a drift flag when consecutive intervals do not overlap.
 """
@@ -30,6 +30,7 @@ from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 from kneescreen.labels import CLASSES
 from kneescreen.metrics import binary_counts, confusion_matrix, paired_bootstrap, partial_spearman, roc_auc, wilson
+from kneescreen.report_referral import fig_t_score, worklist_section
 from kneescreen.screen.ledger import committed_runs
 
 _logger = logging.getLogger(__name__)
@@ -361,7 +362,8 @@ A screening flag is a prompt for DXA referral, not a diagnosis.</p>
 
 def build_report(output: str, out_dir: str, store: Store | None = None) -> str:
     """Write report.html and the PNG figures into the local folder ``out_dir``; returns the HTML path."""
-    runs, pred, stats = load_output(store or Store.resolve(), output)
+    store = store or Store.resolve()
+    runs, pred, stats = load_output(store, output)
     os.makedirs(out_dir, exist_ok=True)
     current = _latest_per_object(pred, runs) if len(pred) else pred
     figures: list[tuple[str, str, bytes]] = []
@@ -376,6 +378,8 @@ def build_report(output: str, out_dir: str, store: Store | None = None) -> str:
         table_html = _agreement_table(labelled) + _image_value_html(labelled)
     if len(current) and (current["status"] != "ok").any():
         figures.append(("errors", "Errors and skips", fig_errors(current)))
+    if (t_fig := fig_t_score(current) if len(current) else None):
+        figures.append(("t_score", "Estimated vs reference T-score", t_fig))
     trend = trend_rows(runs, stats)
     figures.append(("trend", "Trends across runs", fig_trend(trend)))
     sections: list[str] = []
@@ -389,6 +393,7 @@ def build_report(output: str, out_dir: str, store: Store | None = None) -> str:
                         f"{base64.b64encode(data).decode()}'>")
     if table_html:
         sections.insert(1, table_html)
+    sections.insert(0, worklist_section(store, runs, current))
     path = os.path.join(out_dir, "report.html")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(_document(output, _summary(current, runs, trend), sections, trend))

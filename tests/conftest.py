@@ -210,6 +210,10 @@ def tiny_bundle(tmp_path_factory):
                        "age_mean": 65.0, "age_sd": 12.0},
         "stacker": {"model": {"kind": "product", "beta": 0.5, "bias": [0.0, 0.1, -0.1]}},
         "thresholds": {"low_bmd": {"threshold": 0.6}, "osteoporosis": {"threshold": 0.3}},
+        "triage": {"rule_out": {"zone": "rule_out", "threshold": 0.45}, "rule_in": {"zone": "rule_in", "threshold": 0.8},
+                   "prevalence": 0.5},
+        "t_score": {"predictor": "covariates", "features": ["age_z", "female", "age_missing", "sex_missing"],
+                    "coef": [-0.6, -0.4, 0.0, 0.0], "intercept": -1.2, "half_width": 1.1, "n": 60},
     }
     out = tmp_path_factory.mktemp("bundle")
     save_bundle(str(out), BundleManifest.from_dict(manifest), [create_model("test_cnn", 3, "gray").state_dict()])

@@ -177,3 +177,20 @@ def test_deployed_is_what_screening_writes_and_its_value_is_stated(bundle, data)
         assert d["diff"] == pytest.approx(report["predictors"][name]["balanced_accuracy"]
                                           - report["predictors"]["covariates_only"]["balanced_accuracy"])
     assert "minus covariates_only (paired bootstrap 95% CI)" in format_table(report)
+
+
+def test_triage_zones_and_t_score_are_reported_on_held_out_rows(bundle):
+    d = _data(n=60, seed=3)
+    d["t_score"] = [-1.0 + 0.02 * i if i % 4 else None for i in range(60)]
+    r = evaluate_arrays(bundle, d, n_boot=50)
+    tri = r["triage"]
+    assert tri["n"] == 60 and sum(tri[z]["n"] for z in ("rule_out", "refer", "rule_in")) == 60
+    assert tri["triaged"] == pytest.approx((tri["rule_out"]["n"] + tri["rule_in"]["n"]) / 60)
+    for z in ("rule_out", "rule_in"):
+        if tri[z]["n"]:
+            assert tri[z]["lo"] <= tri[z]["value"] <= tri[z]["hi"]
+    assert tri["stated"]["rule_in"]["threshold"] == bundle.manifest.triage.rule_in.threshold
+    t = r["t_score"]
+    assert t["n"] == 45 and t["mae"] > 0 and 0 <= t["coverage"] <= 1 and t["coverage_lo"] <= t["coverage"]
+    assert t["nominal_coverage"] == bundle.manifest.t_score.coverage and len(t["estimate"]) == 45
+    json.dumps(r, default=float)

@@ -11,12 +11,12 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parents[1] / "kneescreen"
 # Lowest first; a module may import from its own layer or any layer below, never above.
 LAYERS = [
-    {"kneescreen.errors", "kneescreen.labels", "kneescreen.metrics", "kneescreen.config"},
+    {"kneescreen.errors", "kneescreen.labels", "kneescreen.metrics", "kneescreen.triage", "kneescreen.config"},
     {"kneescreen.io"},
     {"kneescreen._private", "kneescreen.data"},
     {"kneescreen.model"},
     {"kneescreen.train", "kneescreen.screen", "kneescreen.link"},
-    {"kneescreen.report"},
+    {"kneescreen.report", "kneescreen.report_referral"},
     {"kneescreen.demo"},
     {"kneescreen.cli"},
 ]

@@ -18,11 +18,11 @@ import pytest
 from kneescreen.io.store import Store
 from kneescreen.screen import ledger, pipeline
 from kneescreen.screen.config import ScreenConfig
-from kneescreen.screen.schema import PREDICTIONS, STATS
+from kneescreen.screen.schema import PATIENTS, PREDICTIONS, STATS
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "queries.md"
 HIVE_TYPES = {"string": pa.string(), "bigint": pa.int64(), "double": pa.float64(), "boolean": pa.bool_(),
-              "timestamp": pa.timestamp("us", tz="UTC"), "array<double>": pa.list_(pa.float64())}
+              "timestamp": pa.timestamp("us", tz="UTC"), "array<double>": pa.list_(pa.float64()), "date": pa.date32()}
 
 
 def _sections() -> dict[str, str]:
@@ -68,12 +68,13 @@ def _ddl() -> dict[str, dict]:
     return tables
 
 
-def test_ddl_has_the_three_tables():
-    assert set(_ddl()) == {"kneescreen_predictions", "kneescreen_stats", "kneescreen_runs"}
+def test_ddl_has_the_four_tables():
+    assert set(_ddl()) == {"kneescreen_predictions", "kneescreen_stats", "kneescreen_patients", "kneescreen_runs"}
 
 
 @pytest.mark.parametrize("table,schema,folder", [("kneescreen_predictions", PREDICTIONS, "predictions"),
-                                                 ("kneescreen_stats", STATS, "stats")])
+                                                 ("kneescreen_stats", STATS, "stats"),
+                                                 ("kneescreen_patients", PATIENTS, "patients")])
 def test_parquet_ddl_columns_equal_the_schema(table, schema, folder):
     ddl = _ddl()[table]
     assert list(ddl["partitions"]) == ["model_version", "run_id"]  # the directory order of the layout
@@ -138,6 +139,15 @@ def _stats(run_id: str, model_version: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STATS)
 
 
+def _patients(run_id: str, model_version: str) -> pa.Table:
+    base = {f.name: None for f in PATIENTS}
+    rows = [{**base, "run_id": run_id, "model_version": model_version, "patient_pseudo_id": pid,
+             "patient_id_missing": False, "n_images": 2, "n_studies": 1, "deciding_key": f"{pid}.dcm",
+             "risk_score": risk, "triage_zone": zone, "t_score_est": -1.5, "t_score_lo": -2.5, "t_score_hi": -0.5}
+            for pid, risk, zone in (("pA", 0.5, "refer"), ("pB", 0.7, "refer"), ("pC", 0.1, "rule_out"))]
+    return pa.Table.from_pylist(rows, schema=PATIENTS)
+
+
 @pytest.fixture
 def output(tmp_path) -> pathlib.Path:
     """Two runs of one model: r1 committed (through the ledger), r2 died before its commit."""
@@ -153,6 +163,9 @@ def output(tmp_path) -> pathlib.Path:
         spart = out / "stats" / "model_version=mv1" / f"run_id={run_id}"
         spart.mkdir(parents=True)
         pq.write_table(_stats(run_id, "mv1"), spart / "stats.parquet")
+        ppart = out / "patients" / "model_version=mv1" / f"run_id={run_id}"
+        ppart.mkdir(parents=True)
+        pq.write_table(_patients(run_id, "mv1"), ppart / "part-0.parquet")
         if committed:
             manifest = {**_manifest(), "run_id": run_id, "model_version": "mv1"}
             ledger.commit_run(Store(), str(out), manifest)
@@ -164,15 +177,17 @@ def _run(sql: str, out: pathlib.Path):
 
 
 def test_duckdb_queries_in_the_docs_read_the_layout(output):
-    prevalence, sensitivity, errors, runs = _sql_blocks("DuckDB on a local folder")
+    prevalence, sensitivity, errors, worklist, runs = _sql_blocks("DuckDB on a local folder")
     assert _run(prevalence, output) == [("A", "normal", 1, 0.5), ("A", "osteoporosis", 1, 0.5), ("B", "normal", 1, 1.0)]
     assert _run(sensitivity, output) == [("A", 0.9, 0.6, 0.98, 9, 10), ("B", 0.7, 0.4, 0.89, 7, 10)]
     assert _run(errors, output) == [("not_dicom", 1)]  # the uncommitted run's 'truncated' is not counted
     assert _run(runs, output) == [("20260105T020000Z-aaaaaa", "mv1", 3, 2, 1)]
+    # The committed run's snapshot only, referred patients highest risk first.
+    assert [r[:3] for r in _run(worklist, output)] == [("pB", 0.7, "refer"), ("pA", 0.5, "refer")]
 
 
 def test_documented_layout_matches_the_files_written(output):
     layout = re.search(r"```\n(predictions/.*?)```", DOC.read_text(), flags=re.DOTALL).group(1)
     folders = [line.split("/", 1)[0] for line in layout.splitlines()]
-    assert folders == ["predictions", "stats", "runs_jsonl", "runs"]
+    assert folders == ["predictions", "stats", "patients", "runs_jsonl", "runs"]
     assert {p.name for p in output.iterdir()} == set(folders)

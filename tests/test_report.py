@@ -32,10 +32,14 @@ def screened(ray_local, small_archive, tiny_bundle, tmp_path_factory):
 def test_report_has_every_figure_and_the_metric_table(screened, tmp_path):
     assert main(["report", "--output", screened, "--out", str(tmp_path)]) == 0
     html = (tmp_path / "report.html").read_text()
-    for name in ("prevalence", "confusion", "roc_calibration", "errors", "trend"):
+    for name in ("prevalence", "confusion", "roc_calibration", "errors", "trend", "t_score"):
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
         assert f"alt='{name}'" in html
-    assert len(re.findall(r"data:image/png;base64,", html)) == 5  # self-contained
+    assert len(re.findall(r"data:image/png;base64,", html)) == 6  # self-contained
+    # The referral worklist: zones, scans avoided, yield, T-score accuracy, top patients by pseudonym.
+    worklist = html[html.index("<h2>Referral worklist</h2>"):]
+    assert "DXA scans avoided" in worklist and "per 100 referrals" in worklist and "interval coverage" in worklist
+    assert "Highest-risk patients" in worklist and ".dcm" not in worklist and ".png" not in worklist
     assert "Agreement with reference labels" in html and "sensitivity" in html
     # Reference labels and age/sex sidecar: the report says what the image adds, with intervals.
     section = html[html.index("What the radiograph adds over age and sex"):]

@@ -16,7 +16,7 @@ from kneescreen.io.store import Store, join, split_s3
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.ledger import committed_runs
 from kneescreen.screen.pipeline import run_screen
-from kneescreen.screen.schema import PREDICTIONS, STATS
+from kneescreen.screen.schema import PATIENTS, PREDICTIONS, STATS
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -107,6 +107,28 @@ def test_confusion_counts_equal_a_recomputation_from_rows(s3_screen):
                     assert int(got.iloc[0]) == want, (gtype, g, t, p)
             tp = int(((sub["reference_label"] != "normal") & sub["low_bmd_flag"].astype(bool)).sum())
             assert int(s[(s["target"] == "low_bmd") & (s["metric"] == "tp")]["value"].iloc[0]) == tp
+
+
+def test_patients_table_and_patient_stats_on_s3(s3_screen):
+    cfg, manifest, _ = s3_screen
+    fs, path = Store.resolve().filesystem(manifest["patients"])
+    patients = pq.read_table(path, filesystem=fs, partitioning=None)
+    assert patients.schema.equals(PATIENTS) and patients.num_rows == manifest["counts"]["patients"]
+    ok = _predictions(cfg.output)
+    ok = ok[ok["status"] == "ok"]
+    groups = set(ok["patient_pseudo_id"].dropna()) | {f"film:{k}" for k in ok.loc[ok["patient_pseudo_id"].isna(), "key"]}
+    df = patients.to_pandas()
+    assert len(df) == len(groups) and df["n_images"].sum() == len(ok)
+    assert set(df.loc[df["patient_id_missing"], "deciding_key"]) == set(ok.loc[ok["patient_pseudo_id"].isna(), "key"])
+    assert set(df["triage_zone"]) <= {"rule_out", "refer", "rule_in"} and df["t_score_est"].notna().all()
+    fs, path = Store.resolve().filesystem(join(cfg.output, "stats"))
+    stats = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
+    stats = stats[(stats["run_id"] == manifest["run_id"]) & (stats["subgroup_type"] == "patient")]
+    ref = df[df["reference_label"].notna()]
+    tp = int(((ref["reference_label"] != "normal") & ref["low_bmd_flag"]).sum())
+    assert int(stats[(stats["target"] == "low_bmd") & (stats["metric"] == "tp")]["value"].iloc[0]) == tp
+    assert int(stats[(stats["target"] == "objects") & (stats["metric"] == "count")]["value"].iloc[0]) == len(df)
+    assert stats[(stats["target"] == "low_bmd") & (stats["metric"] == "npv")][["ci_lo", "ci_hi"]].notna().all().all()
 
 
 def test_duckdb_reads_outputs_from_s3(s3_screen):

@@ -158,6 +158,21 @@ def test_ok_rows_have_calibrated_outputs(screened, bundle):
     assert (ok["infer_ms"] > 0).all() and (ok["decode_ms"] > 0).all()
 
 
+def test_ok_rows_carry_triage_zone_and_t_score_interval(screened, bundle):
+    _, df, _, _ = screened
+    ok, bad = df[df["status"] == "ok"], df[df["status"] != "ok"]
+    tri = bundle.manifest.triage
+    expected = np.where(ok["risk_score"] < tri.rule_out.threshold, "rule_out",
+                        np.where(ok["risk_score"] >= tri.rule_in.threshold, "rule_in", "refer"))
+    assert (ok["triage_zone"].to_numpy() == expected).all() and set(expected) >= {"refer"}
+    # The bundle's T-score model is age + sex: a linear function of the covariate features.
+    assert ok[["t_score_est", "t_score_lo", "t_score_hi"]].notna().all().all()
+    np.testing.assert_allclose(ok["t_score_hi"] - ok["t_score_est"], bundle.manifest.t_score.half_width)
+    np.testing.assert_allclose(ok["t_score_est"] - ok["t_score_lo"], bundle.manifest.t_score.half_width)
+    assert ok["t_score_est"].nunique() > 1
+    assert bad[["triage_zone", "t_score_est", "t_score_lo", "t_score_hi"]].isna().all().all()
+
+
 def test_inference_time_is_when_it_ran_in_utc(screened):
     """``inferred_at`` survives both numpy round trips without a time-zone shift."""
     _, df, _, (before, after) = screened

@@ -9,6 +9,8 @@ training filters them out and logs their codes (`usable_decoded_rows`).
 
 from __future__ import annotations
 
+import datetime as _dt
+
 import logging
 import time
 from collections import Counter
@@ -46,8 +48,8 @@ def is_transient(error_code: str | None) -> bool:
 
 META_COLUMNS = (
     "status", "error_code", "message", "format", "patient_pseudo_id", "study_pseudo_id", "laterality", "view",
-    "site", "manufacturer", "sex", "age", "age_band", "reference_label", "reference_t_score", "decode_ms",
-    "bytes_read")
+    "site", "manufacturer", "sex", "age", "age_band", "study_date", "reference_label", "reference_t_score",
+    "decode_ms", "bytes_read")
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,15 @@ def _reference(ref: dict | None) -> tuple[str | None, float | None]:
     return label, t
 
 
+def study_date(value) -> _dt.date | None:
+    """A DICOM DA (``YYYYMMDD``) or ISO (``YYYY-MM-DD``) date; None when absent or malformed."""
+    text = str(value or "").strip().replace("-", "")[:8]
+    try:
+        return _dt.datetime.strptime(text, "%Y%m%d").date() if len(text) == 8 else None
+    except ValueError:
+        return None
+
+
 def _describe(spec: DecodeSpec, key: str, meta: RadiographMeta | None) -> dict:
     """Metadata columns for one row: DICOM headers win, the sidecar fills formats without them."""
     sop = meta.sop_uid if meta and meta.sop_uid else None
@@ -233,6 +244,7 @@ def _describe(spec: DecodeSpec, key: str, meta: RadiographMeta | None) -> dict:
         "site": side.get("site") or (meta.institution if meta else None),
         "manufacturer": (meta.manufacturer if meta else None) or side.get("manufacturer") or None,
         "sex": sex, "age": age, "age_band": age_band(age), "reference_label": ref_label, "reference_t_score": ref_t,
+        "study_date": study_date((meta.study_date if meta else None) or side.get("study_date")),
     }
 
 

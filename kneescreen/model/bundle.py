@@ -36,6 +36,8 @@ from kneescreen.model.forward import instance_logits
 from kneescreen.model.fusion import apply_temperature, fuse
 from kneescreen.model.manifest import BundleManifest, content_version
 from kneescreen.model.registry import create_model
+from kneescreen.model.tscore import predict_t_score
+from kneescreen.triage import assign_zones
 
 _logger = logging.getLogger(__name__)
 
@@ -77,6 +79,12 @@ class Prediction:
     member_probs: list[np.ndarray] = field(default_factory=list)
     image_probs: np.ndarray | None = None
     covariate_probs: np.ndarray | None = None  # the age/sex model's, NaN where age or sex is missing
+    # rule_out / refer / rule_in at the manifest's triage thresholds (None: bundle without triage)
+    triage_zone: np.ndarray | None = None
+    # T-score estimate and split-conformal interval (NaN: the bundle has no T-score estimate)
+    t_score_est: np.ndarray | None = None
+    t_score_lo: np.ndarray | None = None
+    t_score_hi: np.ndarray | None = None
 
 
 class Bundle:
@@ -193,14 +201,17 @@ class Bundle:
             probs[use] = chosen[use]
             pred[use] = chosen[use].argmax(1)
             predictor[use] = kind
-        th = self.manifest.thresholds
+        th, triage = self.manifest.thresholds, self.manifest.triage
         low = probs[:, 1] + probs[:, 2]
+        zones = assign_zones(low, triage.rule_out.threshold, triage.rule_in.threshold) if triage else None
+        est, lo, hi = predict_t_score(self.manifest.t_score, [None] * n if ages is None else list(ages),
+                                      [None] * n if sexes is None else list(sexes), image_probs)
         return Prediction(
             probs=probs, pred=pred, low_bmd_score=low,
             low_bmd_flag=low >= th.low_bmd.threshold,
             osteoporosis_flag=probs[:, 2] >= th.osteoporosis.threshold,
             predictor=predictor, covariates_imputed=imputed, member_probs=member_probs, image_probs=image_probs,
-            covariate_probs=cov_out,
+            covariate_probs=cov_out, triage_zone=zones, t_score_est=est, t_score_lo=lo, t_score_hi=hi,
         )
 
 

@@ -93,6 +93,54 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class TriageZone:
+    """One triage zone's threshold and what it achieved out of fold (`kneescreen.triage`)."""
+
+    zone: str  # rule_out (risk < threshold) | rule_in (risk >= threshold)
+    threshold: float | None = None  # None: the zone is empty (``reason`` says why)
+    target: float = 0.95  # NPV (rule_out) / PPV (rule_in) the lower bound must reach
+    confidence: float = 0.95  # one-sided Clopper-Pearson confidence of that bound
+    n: int = 0  # out-of-fold rows in the zone
+    k: int = 0  # of them correct (normal for rule_out, low BMD for rule_in)
+    value: float | None = None  # achieved NPV / PPV
+    lower: float | None = None  # its lower bound
+    fraction: float = 0.0  # share of the out-of-fold rows triaged into the zone
+    rate_positive: float | None = None  # P(zone | low BMD), to restate the value at another prevalence
+    rate_negative: float | None = None  # P(zone | normal)
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TriageManifest:
+    """Rule-out / rule-in thresholds on the deployed low-BMD risk and the prevalence they assume."""
+
+    rule_out: TriageZone
+    rule_in: TriageZone
+    prevalence: float | None = None  # out-of-fold low-BMD prevalence the NPV / PPV hold at
+    n: int = 0
+    n_positive: int = 0
+    confidence: float = 0.95
+    score: str = "low-BMD risk of the deployed predictor, pooled out-of-fold"
+
+
+@dataclass(frozen=True)
+class TScoreManifest:
+    """The T-score estimate (`kneescreen.model.tscore`); ``predictor`` None: no estimate (``reason``)."""
+
+    predictor: str | None = None  # covariates | image | fused
+    features: tuple[str, ...] = ()
+    coef: tuple[float, ...] = ()
+    intercept: float = 0.0
+    age_mean: float = 65.0
+    age_sd: float = 12.0
+    half_width: float | None = None  # split-conformal; None: too few rows for the coverage
+    coverage: float = 0.9
+    n: int = 0  # training rows with a reference T-score
+    selection: dict | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class BundleManifest:
     """Everything but the weights: members, fusion, calibration, covariates, thresholds, lineage."""
 
@@ -110,6 +158,9 @@ class BundleManifest:
     # How `predictor` was chosen: rule, every candidate's out-of-fold metrics and its paired-
     # bootstrap difference against covariates_only (kneescreen.model.selection.select).
     selection: dict | None = None
+    # Added after format 1 first shipped: optional, so older bundles load (and hash) unchanged.
+    triage: TriageManifest | None = None
+    t_score: TScoreManifest | None = None
     training_data: dict | None = None
     train_config: dict | None = None
     history: dict | None = None

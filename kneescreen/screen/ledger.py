@@ -55,9 +55,9 @@ def commit_run(store: Store, output: str, manifest: dict) -> None:
 
 
 def drop_uncommitted(store: Store, output: str, committed_ids: set[str]) -> list[str]:
-    """Delete prediction/stats/scratch files and one-line manifests of runs that never committed."""
+    """Delete prediction/stats/patients/scratch files and one-line manifests of runs that never committed."""
     dropped = []
-    for table in ("predictions", "stats"):
+    for table in ("predictions", "stats", "patients"):
         for mv in store.list_dirs(join(output, table)):
             for run_dir in store.list_dirs(join(output, table, mv)):
                 run_id = run_dir.split("=", 1)[-1]

@@ -7,6 +7,8 @@
       -> ensemble inference (ActorPoolStrategy: 1 GPU per actor on clusters, CPU actors here)
       -> postprocess (pure fn: schema.PREDICTIONS) -> write_parquet(predictions/...)
       -> stats (driver: this run's Parquet streamed batch by batch into counts)
+      -> patients (Ray Data: latest ok row per object over committed runs + this one, groupby
+         patient; `screen.patients`) -> patients/..., patient stats rows with reference labels
       -> runs/run_id=<r>.json (the commit, written last)
 
 Exactly once: a run is committed when its manifest exists (`ledger`). Before starting, a run
@@ -41,7 +43,9 @@ from kneescreen.screen.stages import (
     decode_stage,
     to_prediction_table,
 )
-from kneescreen.screen.stats import STATS_COLUMNS, PredictionCounts, compute_stats
+from kneescreen.screen.patients import write_patients
+from kneescreen.screen.schema import PATIENTS
+from kneescreen.screen.stats import STATS_COLUMNS, PredictionCounts, compute_stats, patient_stats
 
 _logger = logging.getLogger(__name__)
 DECODE_MEMORY = 512 * 1024**2
@@ -120,12 +124,29 @@ def _count_predictions(store: Store, pred_uri: str, written: int) -> PredictionC
     return PredictionCounts.of(store.iter_parquet_batches(pred_uri, list(STATS_COLUMNS), schema=PREDICTIONS))
 
 
+def _patients(cfg: ScreenConfig, store: Store, runs: list[dict], run_id: str, version: str, pred_uri: str,
+              written: int) -> dict:
+    """Write the patients snapshot (and, with reference labels, the patient-level stats rows)."""
+    uris = [r["predictions"] for r in runs if r.get("predictions")] + ([pred_uri] if written else [])
+    if uris:
+        ensure_ray()
+    dest = write_patients(store, cfg.output, uris, run_id, version)
+    n = store.count_parquet_rows(dest)
+    if cfg.reference:
+        batches = store.iter_parquet_batches(dest, ["predicted_class", "reference_label", "low_bmd_flag"],
+                                             schema=PATIENTS)
+        store.write_parquet(patient_stats(batches, run_id, version),
+                            join(cfg.output, "stats", f"model_version={version}", f"run_id={run_id}",
+                                 "patient_stats.parquet"))
+    return {"uri": dest, "rows": n}
+
+
 def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, listing: dict, counts,
-                  started: _dt.datetime, timing: dict, pred_uri: str) -> dict:
+                  started: _dt.datetime, timing: dict, pred_uri: str, patients: dict | None = None) -> dict:
     """The run manifest (the commit's content).
 
     ``counts`` is the run's `PredictionCounts`, or its rows (a DataFrame or Arrow table) for
-    callers that hold them.
+    callers that hold them; ``patients`` the snapshot `_patients` wrote (uri, rows).
     """
     counts = counts if isinstance(counts, PredictionCounts) else PredictionCounts.of(counts)
     written = counts.rows
@@ -140,7 +161,8 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         # retried: objects screened again because an earlier committed run of this model version
         # left them as errors (transient ones, or any with --retry-errors).
         "counts": {"listed": listing["listed"], "already_screened": listing["already_done"], "screened": written,
-                   "retried": listing.get("retried", 0), **counts.status_counts()},
+                   "retried": listing.get("retried", 0), **counts.status_counts(),
+                   "patients": patients["rows"] if patients else 0},
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "throughput_images_per_s": round(written / screen_s, 2) if written and screen_s > 0 else None,
         "error_codes": {k: int(v) for k, v in sorted(counts.error_codes.items(), key=lambda kv: (-kv[1], kv[0]))},
@@ -148,6 +170,8 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         "bytes_read": int(counts.bytes_read),
         "config": to_flat_dict(cfg),
         "predictions": pred_uri if written else None,
+        # This run's patients snapshot (`screen.patients`): the archive's state per patient.
+        "patients": patients["uri"] if patients else None,
     }
 
 
@@ -180,8 +204,9 @@ def run_screen(cfg: ScreenConfig, store: Store | None = None) -> dict:
     counts = _count_predictions(store, pred_uri, written)
     store.write_parquet(compute_stats(counts, run_id, bundle.version),
                         join(cfg.output, "stats", f"model_version={bundle.version}", f"run_id={run_id}", "stats.parquet"))
+    patients = _patients(cfg, store, runs, run_id, bundle.version, pred_uri, written)
     timing = {"list_and_diff": t_listed - t_start, "screen": t_screened - t_listed, "total": time.perf_counter() - t_start}
-    manifest = _run_manifest(cfg, run_id, bundle.version, key, listing, counts, started, timing, pred_uri)
+    manifest = _run_manifest(cfg, run_id, bundle.version, key, listing, counts, started, timing, pred_uri, patients)
     store.delete_prefix(listing["scratch"])
     # The resolved config beside the outputs: `kneescreen screen --config` replays this run.
     store.write_bytes(join(cfg.output, "configs", f"run_id={run_id}.yaml"), dump_yaml(cfg).encode())

@@ -72,7 +72,7 @@ def decode_stage(batch: dict, spec: DecodeSpec) -> pa.Table:
 
 _RESULT_COLUMNS = ("p_normal", "p_osteopenia", "p_osteoporosis", "predicted_class", "risk_score", "low_bmd_flag",
                    "osteoporosis_flag", "predictor", "covariates_imputed", "image_probs", "covariates_probs",
-                   "infer_ms", "inferred_at")
+                   "triage_zone", "t_score_est", "t_score_lo", "t_score_hi", "infer_ms", "inferred_at")
 
 
 class EnsemblePredictor:
@@ -112,6 +112,10 @@ class EnsemblePredictor:
             res["osteoporosis_flag"][idx] = pred.osteoporosis_flag
             res["predictor"][idx] = pred.predictor
             res["covariates_imputed"][idx] = pred.covariates_imputed
+            if pred.triage_zone is not None:
+                res["triage_zone"][idx] = pred.triage_zone
+            for c in ("t_score_est", "t_score_lo", "t_score_hi"):
+                res[c][idx] = getattr(pred, c)
             for j, i in enumerate(idx):  # one list per row (numpy would broadcast a 2-D assignment)
                 res["image_probs"][i] = pred.image_probs[j].tolist()
                 if pred.covariate_probs is not None and not np.isnan(pred.covariate_probs[j]).any():

@@ -205,3 +205,15 @@ def compute_stats(predictions, run_id: str, version: str) -> pa.Table:
     """
     counts = predictions if isinstance(predictions, PredictionCounts) else PredictionCounts.of(predictions)
     return counts.table(run_id, version)
+
+
+def patient_stats(batches, run_id: str, version: str) -> pa.Table:
+    """Patient-level rows (``subgroup_type = patient``, ``subgroup = all``) from `schema.PATIENTS`
+    batches: one patient counts once, with the deciding film's class and low-BMD flag against the
+    patient's reference (`screen.patients`); same metrics and Wilson intervals as the image rows."""
+    cells: Counter = Counter()
+    for batch in batches:
+        cols = [batch.column(c).to_pylist() for c in ("predicted_class", "reference_label", "low_bmd_flag")]
+        for pred, ref, flag in zip(*cols):
+            cells[("ok", pred, ref, bool(flag))] += 1
+    return pa.Table.from_pylist(_rows_for(cells, run_id, version, "patient", "all"), schema=STATS)

@@ -71,6 +71,11 @@ class TrainConfig:
     seed: int = opt(0, "seed for the split, initialisation and augmentation")
     fusion: str = opt("soft", "how member probabilities are combined", choices=FUSION_METHODS)
     target_sensitivity: float = opt(0.9, "low-BMD sensitivity the validation thresholds aim for")
+    rule_out_npv: float = opt(0.95, "triage: the rule-out zone's NPV whose one-sided 95% lower bound (out of fold) "
+                                    "must reach this")
+    rule_in_ppv: float = opt(0.95, "triage: the rule-in zone's PPV whose one-sided 95% lower bound (out of fold) "
+                                   "must reach this")
+    t_score_coverage: float = opt(0.9, "coverage of the split-conformal T-score interval")
     storage_path: str | None = opt(None, "Ray Train checkpoints, folder or s3:// (default: <out>/checkpoints)")
     name: str = opt("kneescreen-train", "run name: rerunning the same name resumes from its checkpoints")
     max_failures: int = opt(1, "worker failures Ray Train retries from the last checkpoint")
@@ -122,5 +127,8 @@ class TrainConfig:
                                   f"and scored folds), not {self.oof_folds}")
         if not 0.5 <= self.selection_confidence <= 1:
             raise KneescreenError(f"--selection-confidence must be in [0.5, 1], not {self.selection_confidence}")
+        for name in ("rule_out_npv", "rule_in_ppv", "t_score_coverage"):
+            if not 0 < getattr(self, name) < 1:
+                raise KneescreenError(f"--{name.replace('_', '-')} must be in (0, 1), not {getattr(self, name)}")
         if not 0 < self.target_sensitivity <= 1:
             raise KneescreenError(f"--target-sensitivity must be in (0, 1], not {self.target_sensitivity}")

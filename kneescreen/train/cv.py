@@ -24,6 +24,7 @@ from kneescreen.model.bundle import Bundle
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import TrainingData, load_training_data
 from kneescreen.train.evaluate import image_value, predictor_outputs, with_logits
+from kneescreen.train.referral_eval import referral_rows, referral_summary
 from kneescreen.train.run import fit_bundle
 
 _logger = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ def _outer_fold(f: int, data: TrainingData, cfg: TrainConfig, store: Store, oof:
         d["probs"].append(probs)
         d["pred"].append(pred)
         d["low"].append((probs[:, 1] + probs[:, 2]) >= manifest.low_bmd_threshold(name))
+    # Triage zones and T-score estimates of this fold's bundle, pooled by `run_cv`.
+    rows = referral_rows(bundle, test)
+    for k, v in rows.items():
+        oof.setdefault("_referral", {}).setdefault(k, []).append(v)
+    oof.setdefault("_stated", []).append({"triage": dataclasses.asdict(manifest.triage) if manifest.triage else None,
+                                          "t_score": dataclasses.asdict(manifest.t_score) if manifest.t_score else None})
     return manifest.selection["deployed"]
 
 
@@ -65,6 +72,19 @@ def pooled_report(oof: dict, y: np.ndarray, ages: list) -> dict:
         out[name] = r
     majority = np.full(len(y), int(np.bincount(y).argmax()))
     out["baseline:majority_class"] = classification_report(y, np.eye(3)[majority], CLASSES, n_boot=200)
+    return out
+
+
+def _pooled_referral(rows: dict, stated: list[dict]) -> dict:
+    """Zones and T-score figures over the pooled outer folds, with what each fold's bundle stated."""
+    pooled = {k: np.concatenate(v) for k, v in rows.items()}
+    out = referral_summary(pooled)
+    if all(s["triage"] for s in stated):
+        out["triage"] = {**(referral_summary(pooled, {})["triage"] or {}), "stated": [s["triage"] for s in stated]}
+    if out["t_score"] is not None:
+        out["t_score"].pop("estimate")  # the per-row lists stay out of the JSON summary
+        out["t_score"].pop("reference")
+    out["t_score_stated"] = [s["t_score"] for s in stated]
     return out
 
 
@@ -92,6 +112,7 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
         tscores += [t for t, keep in zip(data["t_score"], m) if keep]
         _logger.info("fold %d/%d done", f + 1, k)
     y = np.concatenate(labels)
+    referral = _pooled_referral(oof.pop("_referral"), oof.pop("_stated"))
     # A predictor some fold's bundle lacks (e.g. no fused model when that fold's age/sex model
     # could not be fit) has no pooled estimate: say so instead of pooling misaligned rows.
     partial = sorted(n for n, d in oof.items() if len(d["probs"]) != k)
@@ -102,6 +123,6 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
                "left_out_predictors": partial,
                "class_counts": dict(zip(CLASSES, np.bincount(y, minlength=3).tolist())),
                "predictors": pooled_report(oof, y, ages),
-               "image_value": image_value(oof, y, ages, sexes, tscores)}
+               "image_value": image_value(oof, y, ages, sexes, tscores), "referral": referral}
     store.write_bytes(out_json, json.dumps(results, indent=2, default=float).encode())
     return results

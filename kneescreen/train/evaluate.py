@@ -18,6 +18,7 @@ from kneescreen.labels import CLASSES, age_band
 from kneescreen.metrics import binary_counts, classification_report, paired_bootstrap, partial_spearman
 from kneescreen.model.bundle import Bundle, load_bundle
 from kneescreen.train.data import TrainingData, bundle_logits, load_training_data
+from kneescreen.train.referral_eval import referral_figures
 
 _logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def evaluate_arrays(bundle: Bundle, data, n_boot: int = 1000) -> dict:
     report["deployed"] = bundle.manifest.selection["deployed"] if bundle.manifest.selection else bundle.manifest.predictor
     report["image_value"] = image_value(outputs, y, list(data["age"]), list(data["sex"]),
                                         list(data.get("t_score") or [None] * len(y)))
+    report.update(referral_figures(bundle, data))  # triage zones and the T-score estimate
     return report
 
 

@@ -26,7 +26,7 @@ from kneescreen.config import dump_yaml, to_flat_dict
 from kneescreen.data.split.run import SplitConfig, load_split, run_split
 from kneescreen.io.store import Store, join
 from kneescreen.model.bundle import save_bundle
-from kneescreen.model.ensemble import CovariateFit, fit_ensemble, member_manifest
+from kneescreen.model.ensemble import CovariateFit, Targets, fit_ensemble, member_manifest
 from kneescreen.model.manifest import BundleManifest
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import TrainingData, load_training_data
@@ -78,8 +78,9 @@ def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store
                                        spec.view))
     cov = covariate_out_of_fold(dev, folds)
     cov_fit = CovariateFit(cov[2], cov[3], cov[4], cov[0], cov[1]) if cov else None
+    targets = Targets(npv=cfg.rule_out_npv, ppv=cfg.rule_in_ppv, t_score_coverage=cfg.t_score_coverage)
     manifest = fit_ensemble(members, logits, dev["label"], folds, cov_fit, cfg.fusion, cfg.target_sensitivity,
-                            cfg.selection_confidence)
+                            cfg.selection_confidence, targets, dev["t_score"], dev["age"], dev["sex"])
     _logger.info("deployed predictor: %s (out-of-fold balanced accuracy %.2f over %d images)",
                  manifest.selection["deployed"],
                  manifest.selection["candidates"][manifest.selection["deployed"]]["balanced_accuracy"], len(folds))
