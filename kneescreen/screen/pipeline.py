@@ -77,7 +77,8 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
         # Decode tasks reserve memory (a 4k x 4k 16-bit radiograph peaks near 0.5 GB as float
         # arrays). The reservation also keeps Ray from fusing decode into the inference actor,
         # so decoding runs in parallel CPU tasks while the actor keeps inferring.
-        .map_batches(decode_stage, batch_size=cfg.decode_batch_size, memory=DECODE_MEMORY, fn_kwargs={"spec": spec})
+        .map_batches(decode_stage, batch_size=cfg.decode_batch_size, memory=DECODE_MEMORY,
+                     fn_kwargs={"spec": spec, "max_retries": cfg.max_retries})
         .map_batches(EnsemblePredictor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                      fn_constructor_kwargs={"payload": payload, "use_gpu": cfg.use_gpu, "threads": cfg.actor_cpus},
                      num_gpus=1 if cfg.use_gpu else 0, num_cpus=0 if cfg.use_gpu else cfg.actor_cpus)
@@ -138,9 +139,11 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         # rows with different key ids cannot be joined on patient_pseudo_id.
         "pseudonym_key_id": hashlib.sha256(b"kneescreen-key-id:" + key).hexdigest()[:12],
         # retried: objects screened again because an earlier committed run of this model version
-        # left them as errors (transient ones, or any with --retry-errors).
+        # left them as errors (transient ones, or any with --retry-errors); exhausted: this run's
+        # retries_exhausted rows (a transient error past --max-retries, now permanent).
         "counts": {"listed": listing["listed"], "already_screened": listing["already_done"], "screened": written,
-                   "retried": listing.get("retried", 0), **counts.status_counts()},
+                   "retried": listing.get("retried", 0),
+                   "exhausted": int(counts.error_codes.get("retries_exhausted", 0)), **counts.status_counts()},
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "throughput_images_per_s": round(written / screen_s, 2) if written and screen_s > 0 else None,
         "error_codes": {k: int(v) for k, v in sorted(counts.error_codes.items(), key=lambda kv: (-kv[1], kv[0]))},
