@@ -10,6 +10,8 @@ import shutil
 import pytest
 
 from kneescreen.io.store import Store, join, split_s3
+from kneescreen.link.config import LinkConfig
+from kneescreen.link.run import run_link
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.ledger import committed_runs
 from kneescreen.screen.pipeline import run_screen
@@ -52,6 +54,20 @@ def _rows(store: Store, output: str) -> list[dict]:
     return store.read_parquet(join(output, "predictions")).to_pylist()
 
 
+def _link(store: Store, archive: str, out: str, tmp_path: pathlib.Path, keys: list[str]) -> None:
+    """`kneescreen link` lists and reads the headers of every key (none unreadable)."""
+    registry = tmp_path / "registry.csv"
+    registry.write_text("patient_id,exam_date,t_score\nnobody,2020-01-01,-1.0\n")
+    run_link(LinkConfig(archive=archive, registry=str(registry), out=out), store=store)
+    rows = {}
+    for sub in ("labels", "unlinked"):  # a folder with no rows is not written
+        if any(True for _ in store.list_objects(join(out, sub))) if out.startswith("s3://") else \
+                pathlib.Path(out, sub).is_dir():
+            rows.update({r["key"]: r for r in store.read_parquet(join(out, sub)).to_pylist()})
+    assert sorted(rows) == sorted(keys)
+    assert not {k: r.get("reason") for k, r in rows.items() if r.get("reason") == "read_failed"}
+
+
 def _screen_twice(store: Store, cfg: ScreenConfig, keys: list[str]) -> None:
     first = run_screen(cfg, store=store)
     assert first["counts"]["listed"] == first["counts"]["screened"] == len(keys), first["counts"]
@@ -82,6 +98,7 @@ def test_every_legal_key_on_s3(ray_local, s3_bucket, small_archive, labels, plan
     assert listed == sorted(KEYS.values())
     cfg = ScreenConfig(input=root, output=f"s3://{s3_bucket}/out", bundle=tiny_bundle, batch_size=8)
     _screen_twice(store, cfg, list(KEYS.values()))
+    _link(store, root, f"s3://{s3_bucket}/link", tmp_path, list(KEYS.values()))
 
 
 def test_every_legal_key_in_a_local_folder(ray_local, small_archive, labels, planted, tiny_bundle, tmp_path):
@@ -97,4 +114,5 @@ def test_every_legal_key_in_a_local_folder(ray_local, small_archive, labels, pla
     assert sorted(o.key for o in store.list_objects(str(root))) == sorted(keys)
     cfg = ScreenConfig(input=str(root), output=str(tmp_path / "out"), bundle=tiny_bundle, batch_size=8)
     _screen_twice(store, cfg, keys)
+    _link(store, str(root), str(tmp_path / "link"), tmp_path, keys)
     shutil.rmtree(root)

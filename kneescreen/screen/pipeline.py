@@ -12,7 +12,8 @@
 Exactly once: a run is committed when its manifest exists (`ledger`). Before starting, a run
 deletes the files of runs that never committed; incremental mode skips every (key, etag) that a
 committed run with the same model version has done (ok, skipped, or a permanent error) and retries
-transient errors (and, with ``--retry-errors``, permanent ones).
+transient errors, at most ``--max-retries`` runs before they become ``retries_exhausted`` (and,
+with ``--retry-errors``, permanent ones).
 """
 
 from __future__ import annotations
