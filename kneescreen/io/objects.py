@@ -43,7 +43,7 @@ def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> (``bucket``, ``a/b``).
 
     Split by hand, never by a URL parser: an S3 key may hold any UTF-8 character, and
-    ``urlparse`` would cut ``#`` (fragment), ``?`` (query) and ``;`` (params) out of it. The key
+    ``urlparse`` would cut a key at ``#`` (fragment) or ``?`` (query) (issue #20). The key
     is everything after the first ``/`` behind the bucket, byte for byte (including a trailing
     ``/`` and repeated ``//``).
     """
