@@ -43,10 +43,13 @@ class FaultProxy:
     """
 
     def __init__(self, upstream: str, fraction: float = 0.3, per_key: int = 1, max_faults: int = 50,
-                 seconds: float = 300.0):
+                 seconds: float = 300.0, keys: set[str] | None = None, forbid: set[str] = frozenset()):
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.fraction, self.per_key, self.max_faults, self.seconds = fraction, per_key, max_faults, seconds
+        # keys: exactly these ``bucket/key`` objects fail (instead of a hashed fraction);
+        # forbid: these always answer 403 AccessDenied, as S3 does without s3:GetObject.
+        self.keys, self.forbid = keys, set(forbid)
         self.lock = threading.Lock()
         self.faulted: Counter = Counter()  # key -> faults injected for it
         self.kinds: Counter = Counter()  # SlowDown / InternalError / reset -> count
@@ -60,6 +63,8 @@ class FaultProxy:
 
     def chosen(self, key: str) -> bool:
         """Whether GETs of this object key (``bucket/key``) are to fail."""
+        if self.keys is not None:
+            return key in self.keys
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
         return h / 2**32 < self.fraction
 
@@ -69,6 +74,8 @@ class FaultProxy:
         bucket, _, key = unquote(parsed.path).lstrip("/").partition("/")
         if method != "GET" or not key or parsed.query:
             return False
+        if f"{bucket}/{key}" in self.forbid:
+            return (403, "AccessDenied", "Access Denied")
         with self.lock:
             total = sum(self.faulted.values())
             if (not self.enabled or time.monotonic() > self.deadline or total >= self.max_faults

@@ -61,11 +61,12 @@ def test_root_none_ignores_the_key_for_reading(small_archive, labels):
     assert list(out["status"]) == ["ok"]
 
 
-def test_missing_uri_is_read_failed(tmp_path):
+def test_missing_uri_is_vanished(tmp_path):
+    # Listed, then gone before the read (issue #20): permanent for that etag, not retried forever.
     batch = {"key": np.array(["gone.dcm"], object), "uri": np.array([str(tmp_path / "gone.dcm")], object)}
     out = decode_batch(batch, DecodeSpec(store=Store(), sizes=(64,)))
     assert list(out["status"]) == ["error"]
-    assert list(out["error_code"]) == ["read_failed"]
+    assert list(out["error_code"]) == ["vanished"]
     assert (out["img_64"] == 0).all()
 
 

@@ -134,12 +134,12 @@ def test_planted_bad_objects_keep_their_codes(screened, planted):
         assert pd.isna(row["low_bmd_flag"]) and pd.isna(row["inferred_at"]), key
 
 
-def test_missing_object_is_a_read_failed_row(screened):
+def test_missing_object_is_a_vanished_row(screened):
     _, df, _, _ = screened
     row = df.set_index("key").loc["site-a/missing-object.dcm"]
     assert row["status"] == "error"
-    assert row["error_code"] == "read_failed"
-    assert "FileNotFoundError" in row["message"]
+    assert row["error_code"] == "vanished"  # listed, gone at read time (issue #20)
+    assert "deleted after the listing" in row["message"]
     assert np.isnan(row["p_normal"])
 
 

@@ -160,7 +160,7 @@ def test_an_object_that_changes_between_reads_is_a_transient_error(objects, tmp_
 
 def test_missing_object_reads_nothing(tmp_path):
     out = _decode(str(tmp_path), ["gone.dcm"], True)
-    assert list(out["error_code"]) == ["read_failed"] and list(out["bytes_read"]) == [0]
+    assert list(out["error_code"]) == ["vanished"] and list(out["bytes_read"]) == [0]
 
 
 def test_real_dicom_files_give_the_same_rows_with_and_without_triage(dicom_files):

@@ -192,6 +192,10 @@ def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig):
         else:
             data = spec.store.read_bytes(uri)
             obj.bytes_read = len(data)
+    except FileNotFoundError as exc:  # listed, then deleted before this read: permanent for that etag
+        return "error", "vanished", f"storage: deleted after the listing: {exc}"[:300], None, None, obj.bytes_read
+    except PermissionError as exc:  # S3 403 / unreadable file: permanent until access is granted
+        return "error", "access_denied", f"storage: {exc}"[:300], None, None, obj.bytes_read
     except Exception as exc:  # noqa: BLE001 - storage failures are rows, not a dead batch
         return "error", "read_failed", f"storage: {type(exc).__name__}: {exc}"[:300], None, None, obj.bytes_read
     try:

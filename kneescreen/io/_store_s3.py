@@ -22,6 +22,15 @@ def _folder(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
+def _raise_denied(exc, uri: str) -> None:
+    """An S3 403 on a read as a PermissionError that names the permission to grant."""
+    err = getattr(exc, "response", {}) or {}
+    if err.get("Error", {}).get("Code") in ("AccessDenied", "403") or \
+            err.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403:
+        raise PermissionError(f"access denied reading {uri}: grant s3:GetObject on it "
+                              "(and kms:Decrypt where it is SSE-KMS encrypted)") from exc
+
+
 class S3Backend:
     """s3:// URIs through boto3 (objects, listings) and pyarrow (Parquet).
 
@@ -89,10 +98,14 @@ class S3Backend:
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
+        client = self.client
         try:
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except self.client.exceptions.NoSuchKey as exc:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey as exc:
             raise FileNotFoundError(uri) from exc
+        except client.exceptions.ClientError as exc:
+            _raise_denied(exc, uri)
+            raise
 
     def read_range(self, uri: str, start: int, length: int, if_match: str | None) -> ByteRange:
         bucket, key = split_s3(uri)
@@ -106,6 +119,7 @@ class S3Backend:
             code = exc.response.get("Error", {}).get("Code")
             if code in ("PreconditionFailed", "412"):
                 raise ObjectChanged(f"{uri} changed while it was being read") from exc
+            _raise_denied(exc, uri)
             if code == "InvalidRange" and start == 0:
                 # S3 refuses any range of an empty object: it has no bytes to give.
                 return ByteRange(b"", 0, 0, if_match or "")

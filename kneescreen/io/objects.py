@@ -7,8 +7,6 @@ from __future__ import annotations
 import fnmatch
 import pathlib
 from dataclasses import dataclass
-from urllib.parse import urlparse
-
 from kneescreen.errors import KneescreenError
 
 
@@ -42,11 +40,18 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``).
+
+    Split by hand, never by a URL parser: an S3 key may hold any UTF-8 character, and
+    ``urlparse`` would cut a key at ``#`` (fragment) or ``?`` (query) (issue #20). The key
+    is everything after the first ``/`` behind the bucket, byte for byte (including a trailing
+    ``/`` and repeated ``//``).
+    """
+    uri = str(uri)
+    bucket, _, key = uri[len("s3://"):].partition("/") if is_s3(uri) else ("", "", "")
+    if not bucket:
         raise KneescreenError(f"not an s3 URI: {uri!r} (expected s3://bucket/prefix)")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key
 
 
 def join(root: str, *parts: str) -> str:

@@ -26,6 +26,9 @@ class ScreenConfig:
     # retried by the next incremental run; permanent ones (not_dicom, truncated, ...) only when
     # asked, e.g. after a reader fix (docs/operations.md, "Transient and permanent errors").
     retry_errors: bool = opt(False, "incremental: also re-screen objects whose earlier rows are permanent errors")
+    # Bounded: an object whose transient error persists through this many incremental retries
+    # gets a permanent retries_exhausted row (naming the last error) instead of being read forever.
+    max_retries: int = opt(3, "incremental: retry a transient error at most this many runs, then retries_exhausted")
     # Listing fan-out (screen.listing): one delimiter listing per folder level down to this depth,
     # then every folder at that depth listed by its own thread. S3 pages 1,000 keys per round trip,
     # so one sequential listing of 100 million keys is 100,000 round trips; fan-out divides the
@@ -75,6 +78,8 @@ class ScreenConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.max_retries < 0:
+            raise KneescreenError(f"--max-retries must be 0 or more, not {self.max_retries}")
         if self.list_fanout_depth < 0:
             raise KneescreenError(f"--list-fanout-depth must be 0 or more, not {self.list_fanout_depth}")
         for i, a in enumerate(self.list_prefixes):

@@ -11,7 +11,9 @@ memory that does not grow with the archive.
 All under ``<output>/_scratch/run_id=<r>/``, removed before the commit (and by the next run if
 this one never commits). The rule is `ledger.is_done`: ok, skipped and permanent errors are
 done; transient errors are retried (counted in ``retried``), and with ``--retry-errors``
-permanent errors too. An object done by any run is done.
+permanent errors too. Each chunk row carries ``attempts``: how many committed error rows its
+object version already has, so that the decode stage can end a transient error that persists
+past ``--max-retries`` as a permanent ``retries_exhausted`` row (`screen.stages.decode_stage`). An object done by any run is done.
 
 Why hash partitions: a (key, etag) digest is uniform, so P partitions of one archive hold about
 N / P objects each whatever the key layout, and both sides of one object land in the same
@@ -164,9 +166,10 @@ def _isin(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[idx] == values
 
 
-def _done_digests(store: Store, folder: str, p: int, files: int) -> tuple[np.ndarray, np.ndarray]:
-    """A partition's done digests and the digests to retry (failed, and not done by any run),
-    each sorted for `_isin`. Duplicates across runs are harmless to a binary search."""
+def _done_digests(store: Store, folder: str, p: int, files: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A partition's done digests, the digests to retry (failed, and not done by any run), each
+    sorted for `_isin`, and per retry digest its failed rows so far (the attempts already made).
+    Duplicates across runs are harmless to a binary search."""
     done, failed = [], []
     for i in range(files):
         table = store.read_parquet(part_uri(folder, p, i), use_threads=False)
@@ -177,9 +180,8 @@ def _done_digests(store: Store, folder: str, p: int, files: int) -> tuple[np.nda
     del done
     done_set.sort()
     failed = np.concatenate(failed)
-    retry_set = failed[~_isin(failed, done_set)]
-    retry_set.sort()
-    return done_set, retry_set
+    retry_set, attempts = np.unique(failed[~_isin(failed, done_set)], return_counts=True)  # sorted
+    return done_set, retry_set, attempts
 
 
 def diff_partition(store: Store, scratch: str, p: int, listing_files: int, done_files: int,
@@ -193,7 +195,7 @@ def diff_partition(store: Store, scratch: str, p: int, listing_files: int, done_
         already_done, to_screen, retried (listed objects whose committed rows are all errors to
         try again) and the chunk URIs.
     """
-    done_set, retry_set = _done_digests(store, join(scratch, "done"), p, done_files)
+    done_set, retry_set, attempts = _done_digests(store, join(scratch, "done"), p, done_files)
     counts = {"already_done": 0, "to_screen": 0, "retried": 0}
     chunks, buffer = [], []
 
@@ -209,9 +211,14 @@ def diff_partition(store: Store, scratch: str, p: int, listing_files: int, done_
         keep = table.filter(pa.array(keep_mask))
         counts["already_done"] += table.num_rows - keep.num_rows
         counts["to_screen"] += keep.num_rows
-        counts["retried"] += int(_isin(_digests(keep.column("digest")), retry_set).sum())
+        digests = _digests(keep.column("digest"))
+        retried = _isin(digests, retry_set)
+        counts["retried"] += int(retried.sum())
         if keep.num_rows:
-            buffer.append(keep.select(LISTING_SCHEMA.names))
+            prior = np.zeros(len(digests), dtype=np.int32)
+            if retried.any():
+                prior[retried] = attempts[np.searchsorted(retry_set, digests[retried])]
+            buffer.append(keep.select(LISTING_SCHEMA.names).append_column("attempts", pa.array(prior, pa.int32())))
             if sum(t.num_rows for t in buffer) >= chunk_rows:
                 flush()
     flush()
@@ -274,6 +281,12 @@ def diff_listing(store: Store, cfg: ScreenConfig, run_id: str, runs: list[dict],
 
 
 def read_listing_chunks(batch, store: Store) -> pa.Table:
-    """Ray Data task: chunk URIs -> their listing rows (key, etag, size)."""
-    return pa.concat_tables([store.read_parquet(uri, columns=LISTING_SCHEMA.names)
-                             for uri in batch["chunk"].to_pylist()])
+    """Ray Data task: chunk URIs -> their listing rows (key, etag, size, attempts: the failed
+    attempts committed runs already made at this object version, 0 for a new one)."""
+    tables = []
+    for uri in batch["chunk"].to_pylist():
+        table = store.read_parquet(uri)
+        attempts = (table.column("attempts") if "attempts" in table.column_names
+                    else pa.array(np.zeros(table.num_rows, dtype=np.int32)))
+        tables.append(table.select(LISTING_SCHEMA.names).append_column("attempts", attempts))
+    return pa.concat_tables(tables)

@@ -6,7 +6,9 @@ before it, and cleaned up with the other files of a run that never committed. Be
 files of runs that never committed are deleted; incremental mode skips every (key, etag) that a
 committed run of the same model version has *done*: screened ok, skipped by policy, or failed with
 a permanent error code. A transient failure (`data.decode.TRANSIENT_ERROR_CODES`: storage errors,
-decoder crashes) is not done, so the next incremental run retries it; with ``--retry-errors``
+decoder crashes) is not done, so the next incremental run retries it, at most ``--max-retries``
+times: the retry that fails last writes a permanent ``retries_exhausted`` row (`screen.diff` counts
+an object version's earlier error rows, `screen.stages.exhaust_retries` applies the limit); with ``--retry-errors``
 permanent errors are retried too. An object with an ok row is never screened again, so committed
 runs hold at most one ok row per (key, etag, model version), and the retried row belongs to the
 later run, which readers' "latest row per object" picks. `screen.diff` applies this rule to the

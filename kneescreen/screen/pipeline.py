@@ -14,7 +14,8 @@
 Exactly once: a run is committed when its manifest exists (`ledger`). Before starting, a run
 deletes the files of runs that never committed; incremental mode skips every (key, etag) that a
 committed run with the same model version has done (ok, skipped, or a permanent error) and retries
-transient errors (and, with ``--retry-errors``, permanent ones).
+transient errors, at most ``--max-retries`` runs before they become ``retries_exhausted`` (and,
+with ``--retry-errors``, permanent ones).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
         # Decode tasks reserve memory (a 4k x 4k 16-bit radiograph peaks near 0.5 GB as float
         # arrays). The reservation also keeps Ray from fusing decode into the inference actor,
         # so decoding runs in parallel CPU tasks while the actor keeps inferring.
-        .map_batches(decode_stage, batch_size=cfg.decode_batch_size, memory=DECODE_MEMORY, fn_kwargs={"spec": spec})
+        .map_batches(decode_stage, batch_size=cfg.decode_batch_size, memory=DECODE_MEMORY,
+                     fn_kwargs={"spec": spec, "max_retries": cfg.max_retries})
         .map_batches(EnsemblePredictor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                      fn_constructor_kwargs={"payload": payload, "use_gpu": cfg.use_gpu, "threads": cfg.actor_cpus},
                      num_gpus=1 if cfg.use_gpu else 0, num_cpus=0 if cfg.use_gpu else cfg.actor_cpus)
@@ -159,9 +161,11 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         # rows with different key ids cannot be joined on patient_pseudo_id.
         "pseudonym_key_id": hashlib.sha256(b"kneescreen-key-id:" + key).hexdigest()[:12],
         # retried: objects screened again because an earlier committed run of this model version
-        # left them as errors (transient ones, or any with --retry-errors).
+        # left them as errors (transient ones, or any with --retry-errors); exhausted: this run's
+        # retries_exhausted rows (a transient error past --max-retries, now permanent).
         "counts": {"listed": listing["listed"], "already_screened": listing["already_done"], "screened": written,
-                   "retried": listing.get("retried", 0), **counts.status_counts(),
+                   "retried": listing.get("retried", 0),
+                   "exhausted": int(counts.error_codes.get("retries_exhausted", 0)), **counts.status_counts(),
                    "patients": patients["rows"] if patients else 0},
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "throughput_images_per_s": round(written / screen_s, 2) if written and screen_s > 0 else None,

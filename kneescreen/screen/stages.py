@@ -20,7 +20,7 @@ import ray
 import torch
 from ray.data.extensions import ArrowTensorArray
 
-from kneescreen.data.decode import DecodeSpec, decode_batch
+from kneescreen.data.decode import DecodeSpec, decode_batch, is_transient
 from kneescreen.data.preprocess import is_input_key
 from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import Bundle
@@ -59,14 +59,29 @@ def typed_table(cols: dict) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def decode_stage(batch: dict, spec: DecodeSpec) -> pa.Table:
-    """Ray Data task: listing rows (key, etag, size) -> typed decoded block."""
+def exhaust_retries(out: dict, attempts, max_retries: int) -> dict:
+    """Rows whose transient error follows ``max_retries`` failed retries already (``attempts``:
+    the object version's earlier error rows) become permanent ``retries_exhausted`` rows that
+    name the last error, so no object is read forever (issue #20; docs/operations.md)."""
+    codes, messages = list(out["error_code"]), list(out["message"])
+    for i, (code, prior) in enumerate(zip(codes, attempts)):
+        if is_transient(code) and prior is not None and int(prior) >= max_retries:
+            messages[i] = f"{code} on attempt {int(prior) + 1} of {max_retries + 1}: {messages[i] or ''}"[:300]
+            codes[i] = "retries_exhausted"
+    return {**out, "error_code": codes, "message": messages}
+
+
+def decode_stage(batch: dict, spec: DecodeSpec, max_retries: int | None = None) -> pa.Table:
+    """Ray Data task: listing rows (key, etag, size[, attempts]) -> typed decoded block; with
+    ``max_retries``, transient errors past it become ``retries_exhausted`` (`exhaust_retries`)."""
     # Side tables travel as object refs: fetched once per task from the object store.
     if isinstance(spec.reference, ray.ObjectRef) or isinstance(spec.metadata, ray.ObjectRef):
         spec = dataclasses.replace(
             spec, reference=ray.get(spec.reference) if isinstance(spec.reference, ray.ObjectRef) else spec.reference,
             metadata=ray.get(spec.metadata) if isinstance(spec.metadata, ray.ObjectRef) else spec.metadata)
     out = decode_batch({k: batch[k] for k in ("key", "etag", "size")}, spec)
+    if max_retries is not None and "attempts" in batch:
+        out = exhaust_retries(out, batch["attempts"], max_retries)
     return typed_table(out)
 
 
