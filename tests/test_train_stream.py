@@ -108,6 +108,29 @@ def test_frozen_out_of_fold_logits_equal_the_driver_computation(decoded):
     assert note["features"] == feats.shape[1]
 
 
+def test_frozen_features_are_computed_once_for_every_outer_fold(decoded, monkeypatch):
+    """Cross-validation's outer folds share one `FeatureCache`: one feature map over all rows, and
+    each fold's out-of-fold logits equal those of features computed for that fold alone."""
+    from kneescreen.train import oof
+
+    cfg = TrainConfig(data="unused", out="unused", members=("test_cnn:gray:frozen",), weights="none", image_size=32,
+                      oof_folds=3)
+    [spec] = cfg.member_specs()
+    maps = []
+    original = oof.map_model
+    monkeypatch.setattr(oof, "map_model", lambda data, *a: maps.append(len(data)) or original(data, *a))
+    torch.manual_seed(0)
+    cache = oof.FeatureCache(decoded)
+    for outer in (0, 1):
+        dev = decoded.where(decoded["fold"] != outer)
+        folds = dev["fold"] % 3
+        logits, _, _ = member_out_of_fold(spec, dev, folds, cfg, Store(), (dev, dev), cache)
+        torch.manual_seed(0)  # the same random backbone the cache holds
+        alone, _, _ = member_out_of_fold(spec, dev, folds, cfg, Store(), (dev, dev))
+        np.testing.assert_allclose(logits, alone, rtol=1e-5, atol=1e-5)
+    assert maps == [len(decoded), len(decoded.where(decoded["fold"] != 0)), len(decoded.where(decoded["fold"] != 1))]
+
+
 def test_training_never_brings_images_or_features_to_the_driver(ray_local, train_archive, tmp_path, monkeypatch):
     """Every way a Dataset's rows reach the driver is watched during `run_train`: none carries an
     image column, and what `collect` returns is (rows, members, 3) logits, not features."""

@@ -89,7 +89,11 @@ class TrainConfig:
         """
         specs = []
         for item in self.members:
-            arch, mode, head, view = (item.strip().split(":") + ["", "", ""])[:4]
+            parts = item.strip().split(":")
+            if len(parts) > 4:
+                raise KneescreenError(f"members: at most architecture:input_mode:training:view, not {item!r} "
+                                      f"(e.g. efficientnet_lite0:gray:frozen:img)")
+            arch, mode, head, view = (parts + ["", "", ""])[:4]
             if arch not in list_models():
                 raise KneescreenError(f"members: unknown architecture {arch!r}; valid: {', '.join(list_models())}")
             if (mode or "gray") not in ("gray", "rgb"):
@@ -99,6 +103,11 @@ class TrainConfig:
             if (view or "img") not in VIEWS:
                 raise KneescreenError(f"members: view must be one of {', '.join(VIEWS)}, not {view!r} (in {item!r})")
             weights = None if self.weights in ("none", "") else self.weights
+            spec = get_spec(arch)
+            if weights == "imagenet" and not spec.offline_weights and spec.torchvision_name is None:
+                raise KneescreenError(f"members: no ImageNet weights are published for {arch} (in {item!r}); pass "
+                                      f"--weights none (random initialisation) or --weights PATH|s3://URI of a "
+                                      f"state dict, or drop {item!r} from --members")
             # --image-size sets whole-image members; native views keep the architecture's size.
             size = self.image_size if (view or "img") == "img" and self.image_size else None
             specs.append(MemberSpec(arch, mode or "gray", weights, size, head or "finetune", view or "img"))
@@ -132,3 +141,37 @@ class TrainConfig:
                 raise KneescreenError(f"--{name.replace('_', '-')} must be in (0, 1), not {getattr(self, name)}")
         if not 0 < self.target_sensitivity <= 1:
             raise KneescreenError(f"--target-sensitivity must be in (0, 1], not {self.target_sensitivity}")
+
+    def check_io(self, store) -> None:
+        """Inputs reachable and the output writable, checked with ``store`` before Ray starts.
+
+        Raises:
+            KneescreenError: which path, and what to pass instead.
+        """
+        if not _reachable(store, self.data):
+            raise KneescreenError(f"--data {self.data}: nothing there; pass a folder per class, a folder or "
+                                  f"prefix with labels.csv, or a labels file")
+        if self.weights not in ("imagenet", "none", "") and not store.exists(self.weights):
+            raise KneescreenError(f"--weights {self.weights}: no such file; pass an existing state dict, "
+                                  f"imagenet or none")
+        if self.split_dir and not store.exists(join(self.split_dir, "split.csv")):
+            raise KneescreenError(f"--split-dir {self.split_dir}: no split.csv there; pass the folder "
+                                  f"`kneescreen split` wrote, or leave --split-dir out to split into --out")
+        probe = join(self.out, ".write-probe")
+        try:
+            store.write_bytes(probe, b"")
+            store.delete(probe)
+        except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
+            raise KneescreenError(f"--out {self.out}: not writable ({type(e).__name__}: {e}); pass a folder or "
+                                  f"s3:// prefix you can write") from e
+
+
+def _reachable(store, uri: str) -> bool:
+    """A file or object, or a folder or prefix with something below it."""
+    if store.exists(uri):
+        return True
+    try:
+        objects, dirs = next(iter(store.list_pages(uri, recursive=False, page_size=1)), ([], []))
+    except Exception:  # noqa: BLE001 - unreachable, whatever the reason
+        return False
+    return bool(objects or dirs)

@@ -24,19 +24,20 @@ from kneescreen.model.bundle import Bundle
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import TrainingData, load_training_data
 from kneescreen.train.evaluate import image_value, predictor_outputs, with_logits
+from kneescreen.train.oof import FeatureCache
 from kneescreen.train.referral_eval import referral_rows, referral_summary
-from kneescreen.train.run import fit_bundle
+from kneescreen.train.run import check_cluster, fit_bundle
 
 _logger = logging.getLogger(__name__)
 
 
-def _outer_fold(f: int, data: TrainingData, cfg: TrainConfig, store: Store, oof: dict) -> str:
+def _outer_fold(f: int, data: TrainingData, cfg: TrainConfig, store: Store, oof: dict, cache: FeatureCache) -> str:
     """Fit the whole recipe (members, out-of-fold selection) without fold f; score fold f.
 
     Returns:
         The candidate the recipe deployed for this fold.
     """
-    manifest, states, _ = fit_bundle(data, data["fold"] != f, cfg, store)
+    manifest, states, _ = fit_bundle(data, data["fold"] != f, cfg, store, cache)
     bundle = Bundle.from_states(dataclasses.replace(manifest, version=f"cv-fold{f}"), states)
     test = with_logits(bundle, data.where(data["fold"] == f))
     for name, (probs, pred) in predictor_outputs(bundle, test).items():
@@ -94,17 +95,20 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
     Each outer fold is scored by a bundle fit (members, selection, thresholds) without it, so the
     ``deployed`` row is an honest estimate of what `kneescreen train` deploys.
     """
+    cfg.validate()
     store = store or Store.resolve(cfg.endpoint_url)
     ensure_ray()
+    check_cluster(cfg)
     split_dir = join(out_json.rsplit("/", 1)[0], "cv-split")
     run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
     k = 1 + max(r["fold"] for r in rows)
     data = load_training_data(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
     oof: dict = {}
+    cache = FeatureCache(data)  # frozen features once per image, shared by every outer fold
     labels, ages, sexes, tscores, deployed = [], [], [], [], []
     for f in range(k):
-        deployed.append(_outer_fold(f, data, cfg, store, oof))
+        deployed.append(_outer_fold(f, data, cfg, store, oof, cache))
         m = data["fold"] == f
         labels.append(data["label"][m])
         ages += [a for a, keep in zip(data["age"], m) if keep]

@@ -20,10 +20,12 @@ import json
 import logging
 
 import numpy as np
+import ray
 
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, to_flat_dict
 from kneescreen.data.split.run import SplitConfig, load_split, run_split
+from kneescreen.errors import KneescreenError
 from kneescreen.io.store import Store, join
 from kneescreen.model.bundle import save_bundle
 from kneescreen.model.ensemble import CovariateFit, Targets, fit_ensemble, member_manifest
@@ -31,7 +33,7 @@ from kneescreen.model.manifest import BundleManifest
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import TrainingData, load_training_data
 from kneescreen.train.evaluate import evaluate_bundle
-from kneescreen.train.oof import covariate_out_of_fold, member_out_of_fold
+from kneescreen.train.oof import FeatureCache, covariate_out_of_fold, member_out_of_fold
 
 _logger = logging.getLogger(__name__)
 
@@ -54,11 +56,23 @@ def _load_split_data(cfg: TrainConfig, store: Store) -> tuple[str, TrainingData]
     return training_fingerprint(rows), load_training_data(rows, inputs, store)
 
 
-def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store: Store
-               ) -> tuple[BundleManifest, list, dict]:
+def check_cluster(cfg: TrainConfig) -> None:
+    """What only the connected cluster can tell, checked before any data is read.
+
+    Raises:
+        KneescreenError: ``--use-gpu`` on a cluster without a GPU.
+    """
+    if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise KneescreenError("--use-gpu, but the Ray cluster has no GPU: leave --use-gpu out to train on CPUs, "
+                              "or connect to a cluster with GPUs (RAY_ADDRESS)")
+
+
+def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store: Store,
+               cache: FeatureCache | None = None) -> tuple[BundleManifest, list, dict]:
     """Members, out-of-fold selection and the manifest from the ``dev_mask`` rows of ``data``.
 
-    Used by `run_train` (every non-test image) and by cross-validation (all but the outer fold).
+    Used by `run_train` (every non-test image) and by cross-validation (all but the outer fold;
+    ``cache`` holds frozen features of all of ``data``, computed once for every outer fold).
 
     Returns:
         (manifest without files/version, member state dicts, per-member training notes)
@@ -70,7 +84,7 @@ def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store
     final = (dev.where(folds != last), dev.where(folds == last))
     logits, states, notes, members = [], [], {}, []
     for spec in cfg.member_specs():
-        lg, state, note = member_out_of_fold(spec, dev, folds, cfg, store, final)
+        lg, state, note = member_out_of_fold(spec, dev, folds, cfg, store, final, cache)
         logits.append(lg)
         states.append(state)
         notes[spec.name] = note
@@ -108,7 +122,9 @@ def run_train(cfg: TrainConfig, store: Store | None = None) -> dict:
     """
     cfg.validate()
     store = store or Store.resolve(cfg.endpoint_url)
+    cfg.check_io(store)
     ensure_ray()
+    check_cluster(cfg)
     fingerprint, data = _load_split_data(cfg, store)
     dev_mask = data["split"] != "test"
     _logger.info("fitting on %d images (%d folds), testing on %d", int(dev_mask.sum()), cfg.oof_folds,
