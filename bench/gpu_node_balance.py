@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 def _decode_files(paths: list[str]) -> int:
     from kneescreen.data.preprocess import letterbox
-    from kneescreen.io.reader import ReaderConfig, read_radiograph
+    from kneescreen.fileio.reader import ReaderConfig, read_radiograph
 
     cfg = ReaderConfig(hash_pixels=False)
     for p in paths:

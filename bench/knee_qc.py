@@ -34,7 +34,7 @@ def _measure(rows: list[dict], root: str) -> tuple[list, list, list[dict]]:
     from kneescreen.data.knee.joint import locate_joints
     from kneescreen.data.knee.radiogrammetry import cortical_thickness
     from kneescreen.errors import DecodeError
-    from kneescreen.io.reader import ReaderConfig, read_radiograph
+    from kneescreen.fileio.reader import ReaderConfig, read_radiograph
 
     images, locs, out = [], [], []
     for r in rows:

@@ -65,7 +65,7 @@ def simulated_films(n: int):
         import numpy as np
         import pyarrow as pa
 
-        from kneescreen.io.privacy import patient_pseudo_id
+        from kneescreen.fileio.privacy import patient_pseudo_id
         from kneescreen.link.headers import FILM_SCHEMA
 
         ids = batch["id"]

@@ -45,7 +45,7 @@ def _etag(i: int) -> str:
 
 def fake_pages(n: int, new_from: int):
     """Pages of ObjectInfo for objects 0..n-1 (objects >= new_from are the new ones)."""
-    from kneescreen.io.store import ObjectInfo
+    from kneescreen.fileio.store import ObjectInfo
 
     for start in range(0, n, PAGE):
         yield [ObjectInfo(f"s3://bench/{_key(i)}", _key(i), 100_000 + i % 997, _etag(i))
@@ -57,7 +57,7 @@ def setup(out: str, n: int) -> None:
     the pipeline writes them: PREDICTION_FILE_ROWS)."""
     import pyarrow as pa
 
-    from kneescreen.io.store import Store, join
+    from kneescreen.fileio.store import Store, join
     from kneescreen.screen import ledger
 
     store, done = Store(), int(n * 0.9)
@@ -75,7 +75,7 @@ def setup(out: str, n: int) -> None:
 
 def measure(out: str, n: int, mode: str) -> dict:
     """In a fresh process: the diff of the fake listing against the committed run."""
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
     from kneescreen.screen import diff, ledger, listing
     from kneescreen.screen.config import ScreenConfig
 

@@ -5,8 +5,8 @@ Usage: .venv/bin/python bench/reader_cost.py [--rows 3000 --cols 2500] [--baseli
 A synthetic 12-bit uncompressed DX (smooth anatomy-like field plus noise), with a VOI window in
 the header and without one (percentile window). Best of 5 calls each, with the pixel hash
 (duplicate audits) and without it (screening). `--baseline` times another reader file too
-(e.g. `git show COMMIT:kneescreen/io/reader.py > /tmp/old_reader.py`), with its defaults. That
-works for commits before the reader was split into `kneescreen/io/{radiograph,raster,dicom/...}`
+(e.g. `git show COMMIT:kneescreen/fileio/reader.py > /tmp/old_reader.py`), with its defaults. That
+works for commits before the reader was split into `kneescreen/fileio/{radiograph,raster,dicom/...}`
 (06ae0a0 and earlier), when reader.py was self-contained; a later reader.py only dispatches to
 the package on the path, so time a later commit from its own checkout instead.
 """
@@ -60,7 +60,7 @@ def best_ms(fn, n: int = 5) -> float:
 
 
 def main(argv=None) -> int:
-    from kneescreen.io import reader
+    from kneescreen.fileio import reader
 
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=3000)

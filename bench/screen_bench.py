@@ -151,8 +151,8 @@ def plain_loop(bundle_path: str, archive: str, batch: int, threads: int, limit: 
     import torch
 
     from kneescreen.errors import DecodeError
-    from kneescreen.io.reader import ReaderConfig, read_radiograph
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.reader import ReaderConfig, read_radiograph
+    from kneescreen.fileio.store import Store
     from kneescreen.model.bundle import load_bundle
 
     torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 def main(argv=None) -> int:
     from kneescreen.model.registry import get_spec
     from kneescreen._private.cluster import ensure_ray
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
     from kneescreen.train.config import TrainConfig
     from kneescreen.train.data import TrainingData
     from kneescreen.train.trainer import train_member

@@ -69,7 +69,7 @@ def _dicom(sub, image: np.ndarray, modality: str | None = None, body_part: str =
 def build(store, root: str, n: int, non_knee: float, knee_size: int) -> dict[str, str]:
     """Write the archive; returns key -> kind (knee, chest_ct, chest_cr)."""
     from kneescreen.data.synth import SynthConfig, draw_subjects, render_knee
-    from kneescreen.io.store import join
+    from kneescreen.fileio.store import join
 
     subjects = draw_subjects(SynthConfig(n=n, seed=17, size=512))
     rng = np.random.default_rng(17)
@@ -114,7 +114,7 @@ def decode_all(store, root: str, kinds: dict[str, str], triage: bool) -> dict:
 
 def finish_knees(store, root: str, kinds: dict[str, str]) -> dict:
     """Per knee object after a 64 KB head: the rest as one ranged read vs the whole object again."""
-    from kneescreen.io.store import join
+    from kneescreen.fileio.store import join
 
     knees = [join(root, k) for k, v in sorted(kinds.items()) if v == "knee"]
     out = {}
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--s3", action="store_true", help="archive on a moto S3 server in this process")
     args = p.parse_args(argv)
     os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "bench-only-key")
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
 
     server = None
     if args.s3:

@@ -4,7 +4,7 @@ Layers, lowest first (a module imports only from its own layer or below; tests/t
 checks it):
 
     errors, labels, metrics, config     vocabulary, metrics with intervals, dataclass <-> CLI/YAML
-    io/        Store (local + S3), radiograph reader, pseudonyms, inspect
+    fileio/    Store (local + S3), radiograph reader, pseudonyms, inspect
     data/      shared decode batch function, preprocessing, leakage-free splits, synthetic archive
     model/     model registry, fusion, covariates, typed manifest, Bundle, ensemble fitting
     train/     Ray Train fine-tuning, evaluation, cross-validation
@@ -29,8 +29,8 @@ _LAZY = {
     "SplitConfig": "kneescreen.data.split.run", "load_collection": "kneescreen.data.split.collection",
     "load_split": "kneescreen.data.split.run", "run_split": "kneescreen.data.split.run",
     "SynthConfig": "kneescreen.data.synth", "write_archive": "kneescreen.data.synth",
-    "Radiograph": "kneescreen.io.reader", "ReaderConfig": "kneescreen.io.reader",
-    "read_radiograph": "kneescreen.io.reader", "Store": "kneescreen.io.store",
+    "Radiograph": "kneescreen.fileio.reader", "ReaderConfig": "kneescreen.fileio.reader",
+    "read_radiograph": "kneescreen.fileio.reader", "Store": "kneescreen.fileio.store",
 }
 __all__ = [
     "CLASSES", "ERROR_CODES", "DecodeError", "KneescreenError", "Radiograph", "ReaderConfig", "SplitConfig",

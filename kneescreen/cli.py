@@ -42,7 +42,7 @@ def _load(path: str):
 COMMANDS: dict[str, Command] = {
     "demo": Command("kneescreen.demo:DemoConfig", "kneescreen.demo:run_demo",
                     "the main job on embedded defaults (local folders, generated archive)"),
-    "inspect": Command("kneescreen.io.probe:InspectConfig", "kneescreen.cli:run_inspect_config",
+    "inspect": Command("kneescreen.fileio.probe:InspectConfig", "kneescreen.cli:run_inspect_config",
                        "one JSON line per file: how the reader decodes it"),
     "synth": Command("kneescreen._private.commands:SynthCommand", "kneescreen.cli:run_synth_config",
                      "generate a synthetic knee radiograph archive + labels"),
@@ -62,16 +62,16 @@ COMMANDS: dict[str, Command] = {
 
 
 def run_inspect_config(cfg) -> int:
-    from kneescreen.io.probe import run_inspect
-    from kneescreen.io.reader import ReaderConfig
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.probe import run_inspect
+    from kneescreen.fileio.reader import ReaderConfig
+    from kneescreen.fileio.store import Store
 
     return run_inspect(list(cfg.targets), Store.resolve(cfg.endpoint_url), config=ReaderConfig(max_pixels=cfg.max_pixels))
 
 
 def run_synth_config(cfg) -> int:
     from kneescreen.data.synth import write_archive
-    from kneescreen.io.store import Store, join
+    from kneescreen.fileio.store import Store, join
 
     store = Store.resolve(cfg.endpoint_url)
     if cfg.registry:
@@ -87,7 +87,7 @@ def run_synth_config(cfg) -> int:
 
 def run_split_config(cfg) -> int:
     from kneescreen.data.split.run import run_split
-    from kneescreen.io.store import Store, join
+    from kneescreen.fileio.store import Store, join
 
     store = Store.resolve(cfg.endpoint_url)
     audit = run_split(cfg.source, cfg.out, cfg.split, images_root=cfg.images_root, store=store)
@@ -116,7 +116,7 @@ def run_evaluate_config(cfg) -> int:
 
 
 def run_report_config(cfg) -> int:
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
     from kneescreen.report import build_report
 
     print(build_report(cfg.output, cfg.out, Store.resolve(cfg.endpoint_url)))

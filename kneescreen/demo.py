@@ -31,7 +31,7 @@ from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import opt
 from kneescreen.data.synth import SynthConfig
 from kneescreen.data.synth_registry import write_archive_with_registry
-from kneescreen.io.privacy import ENV_KEY, ENV_KEY_FILE
+from kneescreen.fileio.privacy import ENV_KEY, ENV_KEY_FILE
 from kneescreen.link.config import LinkConfig
 from kneescreen.link.run import run_link
 from kneescreen.report import build_report
@@ -143,7 +143,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> int:
 
 def _worklist_summary(run: dict, bundle: str) -> str:
     """Patients per triage zone in the run's snapshot, and the bundle's zone thresholds."""
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
     from kneescreen.model.bundle import read_manifest
 
     zones = pads.dataset(run["patients"], format="parquet", partitioning=None).to_table(

@@ -27,7 +27,7 @@ import pyarrow.dataset as pads
 
 from kneescreen.config import opt
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import CLASSES
 from kneescreen.metrics import binary_counts, confusion_matrix, paired_bootstrap, partial_spearman, roc_auc, wilson
 from kneescreen.report_referral import fig_t_score, worklist_section

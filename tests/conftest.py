@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-# A fixed pseudonym key for tests; production reads a secret (kneescreen.io.privacy).
+# A fixed pseudonym key for tests; production reads a secret (kneescreen.fileio.privacy).
 os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "test-only-key-0123456789abcdef")
 
 DEV_SET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "knee-xray-dev")
@@ -85,7 +85,7 @@ def s3_bucket(s3_server):
     """A fresh, empty bucket for one test."""
     import uuid
 
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     Store.resolve().client.create_bucket(Bucket=name)

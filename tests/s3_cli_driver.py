@@ -11,7 +11,7 @@ import sys
 import yaml
 
 from kneescreen.cli import main
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 
 
 def run(argv: list[str]) -> None:

@@ -11,7 +11,7 @@ from s3_fault_proxy import FaultProxy
 
 from kneescreen.data.decode import DecodeSpec, RangedRead, decode_batch, is_transient
 from kneescreen.errors import ERROR_CODES
-from kneescreen.io.store import ObjectChanged, Store, join
+from kneescreen.fileio.store import ObjectChanged, Store, join
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.ledger import committed_runs
 from kneescreen.screen.pipeline import run_screen

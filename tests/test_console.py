@@ -49,7 +49,7 @@ def _log_text(path: str) -> str:
 def test_stage_lines_on_console_chatter_in_the_log_file(quiet):
     err, path = quiet
     logging.getLogger("kneescreen.screen.pipeline").info("run r1: listed 5 objects")
-    logging.getLogger("kneescreen.io.reader").info("per-file detail")
+    logging.getLogger("kneescreen.fileio.reader").info("per-file detail")
     logging.getLogger("kneescreen.data.decode").warning("left out 2 images")
     logging.getLogger("ray.data._internal.progress.logging_progress").info("======= Running Dataset: d_0 =======")
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").warning(
@@ -89,11 +89,11 @@ def test_rays_own_console_handlers_come_back_with_verbose(quiet, tmp_path):
 def test_verbose_console_shows_everything(tmp_path, capsys):
     try:
         path = console.setup("screen", str(tmp_path), verbose=True)
-        logging.getLogger("kneescreen.io.reader").debug("per-file detail")
+        logging.getLogger("kneescreen.fileio.reader").debug("per-file detail")
         ray_handlers = logging.getLogger("ray").handlers
     finally:
         console._reset()
-    assert "DEBUG kneescreen.io.reader: per-file detail" in capsys.readouterr().err
+    assert "DEBUG kneescreen.fileio.reader: per-file detail" in capsys.readouterr().err
     assert "per-file detail" in pathlib.Path(path).read_text(encoding="utf-8")  # the file gets a copy
     assert any(type(h).__name__ == "PlainRayHandler" for h in ray_handlers)  # Ray prints as Ray does
 

@@ -13,7 +13,7 @@ import pytest
 
 from kneescreen.data.decode import META_COLUMNS, DecodeSpec, decode_batch, load_side_table, usable_decoded_rows
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 
 
 def _uri_batch(root, keys) -> dict:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.screen import diff, ledger, listing
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.schema import PREDICTIONS

@@ -13,7 +13,7 @@ from PIL import Image
 
 from kneescreen.data.fingerprints import all_pairs_near_duplicates, band_keys, bucket_rows, near_pairs, normalise, \
     thumbnail, thumbnail_u8
-from kneescreen.io.reader import read_radiograph
+from kneescreen.fileio.reader import read_radiograph
 
 needs_dev = pytest.mark.skipif(not os.path.isdir(DEV_SET), reason="../shared/data/knee-xray-dev not present")
 

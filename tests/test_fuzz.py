@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kneescreen.errors import ERROR_CODES, DecodeError
-from kneescreen.io.reader import ReaderConfig, read_radiograph
+from kneescreen.fileio.reader import ReaderConfig, read_radiograph
 
 FILES = dicom_test_files()
 SEEDS = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",

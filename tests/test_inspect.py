@@ -11,8 +11,8 @@ import pytest
 from conftest import dicom_test_files
 
 from kneescreen.cli import main
-from kneescreen.io.probe import run_inspect
-from kneescreen.io.store import Store
+from kneescreen.fileio.probe import run_inspect
+from kneescreen.fileio.store import Store
 
 FILES = dicom_test_files()
 

@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import _free_port
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.screen.ledger import committed_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3, pytest.mark.own_cluster]

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from kneescreen.io.store import Store, join, split_s3
+from kneescreen.fileio.store import Store, join, split_s3
 from kneescreen.link.config import LinkConfig
 from kneescreen.link.run import run_link
 from kneescreen.screen.config import ScreenConfig

@@ -26,7 +26,7 @@ from kneescreen.data.synth import (
     render_knee,
 )
 from kneescreen.errors import ERROR_CODES, DecodeError
-from kneescreen.io.reader import read_radiograph
+from kneescreen.fileio.reader import read_radiograph
 
 DEV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "knee-xray-dev"
 
@@ -304,7 +304,7 @@ def test_fine_signal_needs_native_resolution():
 def test_dev_radiographs_placement_rate():
     """Measured by eye on the QC montage (bench/knee_qc.py): 103/104 images placed, 166 knees,
     all placements on the joint line. Asserted with a margin."""
-    from kneescreen.io.reader import ReaderConfig
+    from kneescreen.fileio.reader import ReaderConfig
 
     with open(DEV / "labels.csv") as f:
         rows = list(csv.DictReader(f))

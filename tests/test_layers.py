@@ -12,7 +12,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "kneescreen"
 # Lowest first; a module may import from its own layer or any layer below, never above.
 LAYERS = [
     {"kneescreen.errors", "kneescreen.labels", "kneescreen.metrics", "kneescreen.triage", "kneescreen.config"},
-    {"kneescreen.io"},
+    {"kneescreen.fileio"},
     {"kneescreen._private", "kneescreen.data"},
     {"kneescreen.model"},
     {"kneescreen.train", "kneescreen.screen", "kneescreen.link"},
@@ -165,4 +165,4 @@ def test_the_checks_see_real_edges(module):
     """Guards the guard: the graph must contain the edges we know exist."""
     graph = _graph()
     assert graph[module], f"{module} shows no imports: the walker is broken"
-    assert "kneescreen.io.store" in graph["kneescreen.screen.pipeline"]
+    assert "kneescreen.fileio.store" in graph["kneescreen.screen.pipeline"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.screen import ledger
 
 MANIFEST = {"run_id": "20260105T020000Z-abc123", "started_at": "2026-01-05T02:00:00+00:00", "model_version": "mv1",

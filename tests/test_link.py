@@ -17,8 +17,8 @@ from kneescreen.data.decode import load_side_table
 from kneescreen.data.link_output import LABELS_SCHEMA
 from kneescreen.data.synth import SynthConfig, draw_subjects
 from kneescreen.data.synth_registry import write_archive_with_registry
-from kneescreen.io.privacy import ENV_KEY, patient_pseudo_id
-from kneescreen.io.store import Store
+from kneescreen.fileio.privacy import ENV_KEY, patient_pseudo_id
+from kneescreen.fileio.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 KEY = "link-test-key-0123456789"

@@ -9,8 +9,8 @@ import pytest
 
 from kneescreen.data.decode import skip_reason
 from kneescreen.errors import KneescreenError
-from kneescreen.io.privacy import patient_pseudo_id
-from kneescreen.io.reader import RadiographMeta
+from kneescreen.fileio.privacy import patient_pseudo_id
+from kneescreen.fileio.reader import RadiographMeta
 from kneescreen.link.headers import FILM_SCHEMA, film_row
 from kneescreen.link.join import link_tables
 from kneescreen.link.registry import (EXAM_SCHEMA, RegistrySpec, clean_registry_batch, clean_row, parse_date,

@@ -14,7 +14,7 @@ from kneescreen.data.decode import DecodeSpec, decode_batch
 from kneescreen.data.preprocess import blank_input, input_key, parse_input_key
 from kneescreen.data.synth import FOV_MM, SynthConfig, draw_subjects, render_knee, write_archive
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.model._texture import SpectralTexture
 from kneescreen.model.bundle import Bundle
 from kneescreen.model.ensemble import member_manifest

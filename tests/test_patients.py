@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pydicom
 import pytest
 
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.screen.ledger import committed_runs
 from kneescreen.screen.patients import patients_of, write_patients
 from kneescreen.screen.pipeline import run_screen

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.privacy import ENV_KEY, ENV_KEY_FILE, pseudonym_key, pseudonymise
+from kneescreen.fileio.privacy import ENV_KEY, ENV_KEY_FILE, pseudonym_key, pseudonymise
 
 KEY = b"0123456789abcdef-test"
 OTHER = b"fedcba9876543210-test"

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.screen import ledger, pipeline
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.schema import PATIENTS, PREDICTIONS, STATS

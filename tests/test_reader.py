@@ -11,7 +11,7 @@ from conftest import dicom_test_files
 from PIL import Image
 
 from kneescreen.errors import ERROR_CODES, DecodeError
-from kneescreen.io.reader import ReaderConfig, read_radiograph
+from kneescreen.fileio.reader import ReaderConfig, read_radiograph
 
 FILES = dicom_test_files()
 
@@ -232,7 +232,7 @@ def test_uniform_and_noise_images_are_implausible():
 def test_decoder_is_pinned_to_pylibjpeg(monkeypatch):
     """With the pinned plugin unavailable, compressed DICOM fails loudly instead of silently
     switching to Pillow (which is installed and could decode JPEG baseline)."""
-    import kneescreen.io.dicom.pixels as pixels
+    import kneescreen.fileio.dicom.pixels as pixels
 
     monkeypatch.setattr(pixels, "DICOM_DECODING_PLUGIN", "no-such-plugin")
     with pytest.raises(DecodeError) as info:

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from kneescreen.cli import main
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.report import build_report, trend_rows
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.ledger import committed_runs
@@ -55,7 +55,7 @@ def test_report_has_every_figure_and_the_metric_table(screened, tmp_path):
 def test_report_from_s3(screened, s3_bucket, tmp_path):
     import pathlib
 
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
 
     for p in pathlib.Path(screened).rglob("*"):
         if p.is_file():

@@ -21,7 +21,7 @@ from s3_fault_proxy import FaultProxy
 
 from kneescreen.data.decode import SKIP_CODES, is_transient
 from kneescreen.errors import ERROR_CODES
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.screen import ledger
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.ledger import committed_runs, screen_state

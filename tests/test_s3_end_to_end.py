@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.model import registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3, pytest.mark.own_cluster]  # the driver starts its own

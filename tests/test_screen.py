@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kneescreen.data.synth import SynthConfig, draw_subjects
-from kneescreen.io.store import Store, join, split_s3
+from kneescreen.fileio.store import Store, join, split_s3
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.ledger import committed_runs
 from kneescreen.screen.pipeline import run_screen
@@ -38,7 +38,7 @@ def _predictions(output: str):
 
 @pytest.fixture(scope="module")
 def s3_screen(ray_local, s3_server, small_archive, tiny_bundle):
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
 
     root, _ = small_archive
     bucket = "screen-e2e"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from kneescreen.data.split.audit import audit_split
 from kneescreen.data.split.run import SplitConfig, load_split, run_split
-from kneescreen.io.reader import read_radiograph
+from kneescreen.fileio.reader import read_radiograph
 
 needs_dev = pytest.mark.skipif(not os.path.isdir(DEV_SET), reason="../shared/data/knee-xray-dev not present")
 
@@ -95,7 +95,7 @@ def test_audit_detects_a_leak():
 @pytest.mark.s3
 @pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])])
 def test_labels_csv_on_s3(s3_bucket, small_archive, tmp_path, engine, request):
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
 
     # The Ray engine reads images in Ray workers, which take S3 credentials from their own
     # environment (as on a cluster): the shared instance, started after the S3 server, has them.

@@ -20,8 +20,8 @@ import pytest
 from ray.data.block import BlockAccessor
 
 from kneescreen.data.decode import DecodeSpec, load_side_table
-from kneescreen.io.privacy import pseudonymise
-from kneescreen.io.store import Store
+from kneescreen.fileio.privacy import pseudonymise
+from kneescreen.fileio.store import Store
 from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import load_bundle
 from kneescreen.screen.schema import PREDICTIONS

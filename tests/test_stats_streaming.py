@@ -17,7 +17,7 @@ import pytest
 from ray.data.block import BlockAccessor
 
 from kneescreen.data.decode import DecodeSpec, load_side_table
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.labels import CLASSES
 from kneescreen.metrics import (
     balanced_accuracy,

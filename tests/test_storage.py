@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 
 
 @pytest.mark.s3
@@ -75,7 +75,7 @@ def test_read_range_returns_the_slice_the_size_and_the_version(tmp_path, s3_buck
 def test_read_range_refuses_a_changed_object_and_reports_a_missing_one(tmp_path, s3_bucket, where):
     import time
 
-    from kneescreen.io.store import ObjectChanged
+    from kneescreen.fileio.store import ObjectChanged
 
     uri = _range_store_cases(tmp_path, s3_bucket)[0 if where == "local" else 1]
     head = Store.resolve().read_range(uri, 0, 1024)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kneescreen.data.synth import SynthConfig, draw_subjects, write_archive
-from kneescreen.io.probe import run_inspect
+from kneescreen.fileio.probe import run_inspect
 from kneescreen.labels import t_score_to_class
 
 
@@ -86,7 +86,7 @@ def test_bone_texture_follows_t_score():
 
 @pytest.mark.s3
 def test_write_archive_to_s3(s3_bucket):
-    from kneescreen.io.store import Store
+    from kneescreen.fileio.store import Store
 
     summary = write_archive(f"s3://{s3_bucket}/synth", SynthConfig(n=4, seed=1, size=64, workers=1))
     keys = [o.key for o in Store.resolve().list_objects(f"s3://{s3_bucket}/synth")]

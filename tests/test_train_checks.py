@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.run import check_cluster, run_train
 

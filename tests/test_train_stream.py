@@ -12,7 +12,7 @@ import torch
 from ray.data.dataset import MaterializedDataset
 
 from kneescreen.data.split.run import load_split, run_split
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import Bundle
 from kneescreen.model.ensemble import member_manifest

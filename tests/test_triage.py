@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence
 
 from kneescreen.data.decode import HEAD_BYTES, DecodeSpec, decode_batch
 from kneescreen.data.synth import SynthConfig, Subject, draw_subjects, encode_dicom, encode_raster, render_knee
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 
 SIZE = 1024  # 1024 x 1024 x 16 bit: a 2 MB uncompressed object, 32x the first read
 _COLUMNS = ("status", "error_code", "message", "format", "patient_pseudo_id", "study_pseudo_id", "laterality",

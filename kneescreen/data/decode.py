@@ -22,9 +22,9 @@ from kneescreen.data import link_output
 from kneescreen.data.knee.views import view_inputs
 from kneescreen.data.preprocess import blank_input, letterbox
 from kneescreen.errors import DecodeError, KneescreenError
-from kneescreen.io.privacy import patient_pseudo_id, pseudonymise
-from kneescreen.io.reader import RadiographMeta, ReaderConfig, read_dicom_header, read_radiograph
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.privacy import patient_pseudo_id, pseudonymise
+from kneescreen.fileio.reader import RadiographMeta, ReaderConfig, read_dicom_header, read_radiograph
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import age_band, normalise_label, t_score_to_class, to_float
 
 _logger = logging.getLogger(__name__)

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.privacy import patient_pseudo_id
-from kneescreen.io.reader import read_radiograph
-from kneescreen.io.store import Store
+from kneescreen.fileio.privacy import patient_pseudo_id
+from kneescreen.fileio.reader import read_radiograph
+from kneescreen.fileio.store import Store
 
 THUMB_SIDE = 32
 LSH_SEED = 20240611  # fixed: the same collection gives the same buckets whatever the split seed

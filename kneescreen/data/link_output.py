@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 
 AUDIT_FILE = "link_audit.json"
 LABELS_SCHEMA = pa.schema([

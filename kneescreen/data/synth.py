@@ -33,7 +33,7 @@ import numpy as np
 
 from kneescreen.config import opt
 from kneescreen.data.synth_render import FOV_MM, Subject, knee_landmarks, render_knee  # noqa: F401  (public here too)
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import CLASSES, t_score_to_class
 
 _logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import json
 import numpy as np
 
 from kneescreen.data.synth import SynthConfig, Subject, _key, draw_subjects, write_archive
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import t_score_to_class
 
 SITES = ("lumbar_spine", "total_hip", "femoral_neck")

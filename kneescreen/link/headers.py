@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from kneescreen.data.decode import RangedRead, read_header, skip_reason
-from kneescreen.io.privacy import patient_pseudo_id
-from kneescreen.io.reader import ReaderConfig
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.privacy import patient_pseudo_id
+from kneescreen.fileio.reader import ReaderConfig
+from kneescreen.fileio.store import Store, join
 from kneescreen.link.registry import parse_date
 
 FILM_SCHEMA = pa.schema([

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from kneescreen.data.link_output import LABELS_SCHEMA, UNLINKED_SCHEMA
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 
 
 def _empty_stats(window: int) -> dict:

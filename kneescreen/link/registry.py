@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.privacy import patient_pseudo_id
-from kneescreen.io.store import Store
+from kneescreen.fileio.privacy import patient_pseudo_id
+from kneescreen.fileio.store import Store
 from kneescreen.labels import t_score_to_class
 
 T_MIN, T_MAX = -7.0, 5.0  # plausible T-scores; outside is a data-entry error

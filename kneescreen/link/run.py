@@ -32,8 +32,8 @@ import pyarrow.compute as pc
 from kneescreen import config as cfglib
 from kneescreen.data.link_output import AUDIT_FILE
 from kneescreen.errors import KneescreenError
-from kneescreen.io.privacy import pseudonym_key
-from kneescreen.io.store import Store, is_s3, join
+from kneescreen.fileio.privacy import pseudonym_key
+from kneescreen.fileio.store import Store, is_s3, join
 from kneescreen.link.audit import build_audit
 from kneescreen.link.config import LinkConfig
 from kneescreen.link.headers import HeaderSpec, header_batch

@@ -25,7 +25,7 @@ import torch
 from kneescreen.data.knee.views import view_inputs
 from kneescreen.data.preprocess import letterbox
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import CLASSES
 from kneescreen.model.covariates import (
     LogisticModel,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.model._efficientnet_lite import build_lite
 from kneescreen.model._texture import SpectralTexture
 from kneescreen.model._xception import Xception

@@ -23,7 +23,7 @@ import json
 import secrets
 
 from kneescreen.data.decode import is_transient
-from kneescreen.io.store import Store, is_s3, join
+from kneescreen.fileio.store import Store, is_s3, join
 
 RUNS_JSONL = "runs_jsonl"  # one-line copies of the run manifests, for JSON SerDe tables (Athena)
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kneescreen.io.store import ObjectInfo, Store, key_matches
+from kneescreen.fileio.store import ObjectInfo, Store, key_matches
 
 PAGE_SIZE = 1000  # keys per S3 list request (the most S3 returns)
 FINGERPRINT_FORMAT = "kneescreen-listing/2"

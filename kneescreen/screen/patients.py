@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import ray
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import CLASSES
 from kneescreen.screen.schema import PATIENTS, PREDICTIONS
 

@@ -33,8 +33,8 @@ from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, to_flat_dict
 from kneescreen.data.decode import DecodeSpec, load_side_table
 from kneescreen.errors import KneescreenError
-from kneescreen.io.privacy import pseudonym_key
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.privacy import pseudonym_key
+from kneescreen.fileio.store import Store, join
 from kneescreen.model.bundle import Bundle, load_bundle
 from kneescreen.screen import diff, ledger
 from kneescreen.screen.config import ScreenConfig

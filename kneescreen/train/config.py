@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kneescreen.config import opt
 from kneescreen.data.preprocess import VIEWS, input_key
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import join
+from kneescreen.fileio.store import join
 from kneescreen.model.fusion import FUSION_METHODS
 from kneescreen.model.registry import get_spec, list_models
 

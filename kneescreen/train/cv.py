@@ -17,7 +17,7 @@ import numpy as np
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import to_flat_dict
 from kneescreen.data.split.run import SplitConfig, load_split, run_split
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import CLASSES, age_band
 from kneescreen.metrics import binary_counts, classification_report
 from kneescreen.model.bundle import Bundle

@@ -27,7 +27,7 @@ import torch
 
 from kneescreen.data.decode import DecodeSpec, decode_batch, usable_decoded_rows
 from kneescreen.data.preprocess import is_input_key, parse_input_key
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.labels import CLASSES
 
 _KEEP = ("row", "key", "label", "row_age", "row_sex", "row_t", "split", "fold", "status", "error_code")

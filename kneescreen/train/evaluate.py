@@ -13,7 +13,7 @@ import pyarrow as pa
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, opt
 from kneescreen.data.split.run import load_split
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import CLASSES, age_band
 from kneescreen.metrics import binary_counts, classification_report, paired_bootstrap, partial_spearman
 from kneescreen.model.bundle import Bundle, load_bundle

@@ -25,7 +25,7 @@ import numpy as np
 import ray
 from torch import nn
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.labels import CLASSES
 from kneescreen.model.covariates import LogisticModel, covariate_features
 from kneescreen.model.ensemble import member_manifest

@@ -26,7 +26,7 @@ from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, to_flat_dict
 from kneescreen.data.split.run import SplitConfig, load_split, run_split
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.model.bundle import save_bundle
 from kneescreen.model.ensemble import CovariateFit, Targets, fit_ensemble, member_manifest
 from kneescreen.model.manifest import BundleManifest

@@ -16,7 +16,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 from kneescreen.labels import CLASSES
 from kneescreen.model.registry import normalisation
 from kneescreen.train.config import MemberSpec, TrainConfig

@@ -274,7 +274,7 @@ def locate_joints(image: np.ndarray, pixel_spacing: tuple[float, float] | None =
     """Every knee joint on a radiograph (two on a bilateral film), left to right in the image.
 
     Args:
-        image: HxW float image in [0, 1], bone bright (`kneescreen.io.reader.Radiograph.image`).
+        image: HxW float image in [0, 1], bone bright (`kneescreen.fileio.reader.Radiograph.image`).
         pixel_spacing: (row, col) mm per pixel from the header, or None. Pixels are taken as
             square (their mean is used): DX and CR detectors have square pixels.
         min_confidence: placements below this are dropped.

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from kneescreen.data.split.tables import MEMBER_COLUMNS, SPLIT_SCHEMA, class_totals, group_rows, group_table
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import CLASSES
 
 ASSIGNED_CHUNK = 20_000  # assigned rows per key-sorted scratch file (driver memory per chunk)

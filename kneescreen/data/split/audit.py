@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 
 from kneescreen.data.fingerprints import value_partition
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 
 AUDITED = ("patient", "pixel_hash", "group")
 LEAK_SCHEMA = pa.schema([("by", pa.string()), ("attribute", pa.string()), ("value", pa.string()),

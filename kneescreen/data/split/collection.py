@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from kneescreen.data import link_output
 from kneescreen.errors import KneescreenError
-from kneescreen.io.store import Store, is_s3, join
+from kneescreen.fileio.store import Store, is_s3, join
 from kneescreen.labels import CLASSES, normalise_label, t_score_to_class, to_float
 
 _IMAGE_EXT = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", "")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kneescreen.data.split.collection import Item
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 
 
 @dataclass

@@ -33,7 +33,7 @@ from kneescreen.data.split.collection import Item
 from kneescreen.data.split.engine import Fingerprints
 from kneescreen.data.split.tables import FINGERPRINT_BLOCK, exact_duplicate_rows, hash_rows, with_unit
 from kneescreen.data.split.writer import write_split_rows
-from kneescreen.io.store import Store
+from kneescreen.fileio.store import Store
 
 _logger = logging.getLogger(__name__)
 

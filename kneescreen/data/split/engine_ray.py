@@ -41,7 +41,7 @@ from kneescreen.data.split.engine import Fingerprints
 from kneescreen.data.split.tables import FINGERPRINT_BLOCK, SPLIT_COLUMNS, class_totals, exact_duplicate_rows, \
     group_rows, group_table, hash_rows, with_unit
 from kneescreen.data.split.writer import write_split_csv
-from kneescreen.io.store import Store, is_s3, join
+from kneescreen.fileio.store import Store, is_s3, join
 from kneescreen.labels import CLASSES
 
 if TYPE_CHECKING:

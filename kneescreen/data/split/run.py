@@ -36,8 +36,8 @@ from kneescreen.data.split.components import components, dedupe
 from kneescreen.data.split.engine import Engine, Fingerprints
 from kneescreen.data.split.writer import write_audit
 from kneescreen.errors import KneescreenError
-from kneescreen.io.privacy import pseudonym_key
-from kneescreen.io.store import Store, join
+from kneescreen.fileio.privacy import pseudonym_key
+from kneescreen.fileio.store import Store, join
 from kneescreen.labels import to_float
 
 _logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import os
 
 from kneescreen.data.split.assign import merged
 from kneescreen.data.split.tables import SPLIT_COLUMNS, SPLIT_SCHEMA
-from kneescreen.io.store import Store, is_s3, join
+from kneescreen.fileio.store import Store, is_s3, join
 
 
 def write_split_rows(store: Store, uri: str, rows) -> int:

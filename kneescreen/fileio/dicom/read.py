@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.dicom.display import display
-from kneescreen.io.dicom.header import COLOUR, check_image_header, parse_header
-from kneescreen.io.dicom.meta import dicom_meta
-from kneescreen.io.dicom.pixels import J2K_SYNTAXES, check_j2k_header, decode_pixels
-from kneescreen.io.plausibility import check_plausible
-from kneescreen.io.radiograph import Radiograph, ReaderConfig, maybe_hash
+from kneescreen.fileio.dicom.display import display
+from kneescreen.fileio.dicom.header import COLOUR, check_image_header, parse_header
+from kneescreen.fileio.dicom.meta import dicom_meta
+from kneescreen.fileio.dicom.pixels import J2K_SYNTAXES, check_j2k_header, decode_pixels
+from kneescreen.fileio.plausibility import check_plausible
+from kneescreen.fileio.radiograph import Radiograph, ReaderConfig, maybe_hash
 
 
 def read_dicom(data: bytes, config: ReaderConfig) -> Radiograph:

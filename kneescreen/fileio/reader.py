@@ -8,12 +8,12 @@ feeds it random and mutated bytes). `read_dicom_header(head)` is header triage f
 first bytes (ranged reads), without its pixel data.
 
 Where each step lives (policies documented in docs/architecture.md):
-- `kneescreen.io.radiograph`: `ReaderConfig`, `Radiograph`, `RadiographMeta`, `pixel_hash`.
-- `kneescreen.io.raster`: PNG and JPEG.
-- `kneescreen.io.dicom`: `header` (parse, triage, checks before decoding; multi-frame policy),
+- `kneescreen.fileio.radiograph`: `ReaderConfig`, `Radiograph`, `RadiographMeta`, `pixel_hash`.
+- `kneescreen.fileio.raster`: PNG and JPEG.
+- `kneescreen.fileio.dicom`: `header` (parse, triage, checks before decoding; multi-frame policy),
   `meta`, `pixels` (decoders pinned to pylibjpeg), `display` (PS3.3 C.11 grayscale pipeline),
   `read` (the whole-object read; colour becomes luminance, PALETTE COLOR is refused).
-- `kneescreen.io.plausibility`: blank images and decoder noise are refused.
+- `kneescreen.fileio.plausibility`: blank images and decoder noise are refused.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from __future__ import annotations
 import warnings
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.dicom.header import DicomHeader, read_dicom_header
-from kneescreen.io.dicom.read import read_dicom
-from kneescreen.io.radiograph import Radiograph, RadiographMeta, ReaderConfig, pixel_hash
-from kneescreen.io.raster import is_raster, read_raster
+from kneescreen.fileio.dicom.header import DicomHeader, read_dicom_header
+from kneescreen.fileio.dicom.read import read_dicom
+from kneescreen.fileio.radiograph import Radiograph, RadiographMeta, ReaderConfig, pixel_hash
+from kneescreen.fileio.raster import is_raster, read_raster
 
 __all__ = ["DicomHeader", "Radiograph", "RadiographMeta", "ReaderConfig", "pixel_hash", "read_dicom_header",
            "read_radiograph"]

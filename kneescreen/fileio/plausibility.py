@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.radiograph import ReaderConfig
+from kneescreen.fileio.radiograph import ReaderConfig
 
 
 def check_plausible(x: np.ndarray, config: ReaderConfig) -> None:

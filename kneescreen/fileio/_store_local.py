@@ -1,4 +1,4 @@
-"""The local-folder backend of `kneescreen.io.store.Store`: files, atomic writes, listings in key
+"""The local-folder backend of `kneescreen.fileio.store.Store`: files, atomic writes, listings in key
 order with an etag built from size and mtime. The method contracts are `Store`'s."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches
+from kneescreen.fileio.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs

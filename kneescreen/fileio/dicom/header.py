@@ -20,9 +20,9 @@ from pydicom.filereader import read_partial
 from pydicom.uid import UID
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.dicom.meta import dicom_meta, element_text
-from kneescreen.io.radiograph import RadiographMeta, ReaderConfig
-from kneescreen.io.raster import is_raster
+from kneescreen.fileio.dicom.meta import dicom_meta, element_text
+from kneescreen.fileio.radiograph import RadiographMeta, ReaderConfig
+from kneescreen.fileio.raster import is_raster
 
 GRAY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")

@@ -15,7 +15,7 @@ pyarrow with the AWS SDK's standard strategy. What still fails becomes a ``read_
 which the next incremental run retries (docs/operations.md).
 
 Each URI goes to one of two backends with the same methods (`_Backend`): local folders
-(`kneescreen.io._store_local`) or S3 (`kneescreen.io._store_s3`, which owns the clients and the
+(`kneescreen.fileio._store_local`) or S3 (`kneescreen.fileio._store_s3`, which owns the clients and the
 one ``list_objects_v2`` paginator). This module holds the settings, the dispatch, the method
 contracts, and the table helpers built on them.
 """
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Protocol
 
 
 from kneescreen.errors import KneescreenError
-from kneescreen.io._store_local import LocalBackend
-from kneescreen.io._store_s3 import S3Backend
-from kneescreen.io.objects import ByteRange, ObjectChanged, ObjectInfo, is_s3, join, key_matches, split_s3
+from kneescreen.fileio._store_local import LocalBackend
+from kneescreen.fileio._store_s3 import S3Backend
+from kneescreen.fileio.objects import ByteRange, ObjectChanged, ObjectInfo, is_s3, join, key_matches, split_s3
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs

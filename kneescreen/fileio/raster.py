@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.plausibility import check_plausible
-from kneescreen.io.radiograph import Radiograph, RadiographMeta, ReaderConfig, maybe_hash, robust_window
+from kneescreen.fileio.plausibility import check_plausible
+from kneescreen.fileio.radiograph import Radiograph, RadiographMeta, ReaderConfig, maybe_hash, robust_window
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"

@@ -34,7 +34,7 @@ class ReaderConfig:
 @dataclass
 class RadiographMeta:
     """Header facts. ``patient_id`` and ``birth_date`` are raw identifiers: keep them in memory,
-    pseudonymise before anything is written (see `kneescreen.io.privacy`)."""
+    pseudonymise before anything is written (see `kneescreen.fileio.privacy`)."""
 
     format: str = ""
     rows: int = 0

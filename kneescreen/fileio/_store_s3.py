@@ -1,4 +1,4 @@
-"""The S3 backend of `kneescreen.io.store.Store`: one boto3 client and one pyarrow
+"""The S3 backend of `kneescreen.fileio.store.Store`: one boto3 client and one pyarrow
 S3FileSystem per process, both built on first use with the store's retry and timeout settings,
 and one `list_objects_v2` paginator that every listing goes through. The method contracts are
 `Store`'s."""
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 
-from kneescreen.io.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches, split_s3
+from kneescreen.fileio.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches, split_s3
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs

@@ -9,7 +9,7 @@ import datetime as _dt
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from kneescreen.io.radiograph import RadiographMeta
+from kneescreen.fileio.radiograph import RadiographMeta
 
 
 def element_text(ds, name: str) -> str | None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from pydicom.pixels import apply_modality_lut, apply_voi
 
-from kneescreen.io.dicom.meta import element_text
-from kneescreen.io.radiograph import robust_window
+from kneescreen.fileio.dicom.meta import element_text
+from kneescreen.fileio.radiograph import robust_window
 
 
 def display(stored: np.ndarray, ds, photometric: str) -> np.ndarray:

@@ -15,7 +15,7 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID
 
 from kneescreen.errors import DecodeError
-from kneescreen.io.radiograph import RadiographMeta
+from kneescreen.fileio.radiograph import RadiographMeta
 
 DICOM_DECODING_PLUGIN = "pylibjpeg"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from kneescreen.config import opt
 from kneescreen.errors import DecodeError
-from kneescreen.io.reader import ReaderConfig, read_radiograph
-from kneescreen.io.store import Store, is_s3, split_s3
+from kneescreen.fileio.reader import ReaderConfig, read_radiograph
+from kneescreen.fileio.store import Store, is_s3, split_s3
 
 
 @dataclass(frozen=True)

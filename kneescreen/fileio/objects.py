@@ -1,6 +1,6 @@
-"""What a `kneescreen.io.store.Store` lists and reads, and the URI helpers every layer uses:
+"""What a `kneescreen.fileio.store.Store` lists and reads, and the URI helpers every layer uses:
 `ObjectInfo`, `ByteRange`, `ObjectChanged`; `is_s3`, `split_s3`, `join`, `key_matches`.
-Re-exported by `kneescreen.io.store`, which is where callers import them from."""
+Re-exported by `kneescreen.fileio.store`, which is where callers import them from."""
 
 from __future__ import annotations
 
