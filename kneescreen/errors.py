@@ -27,6 +27,8 @@ ERROR_CODES: dict[str, str] = {
     "vanished": "object deleted between the listing and its read",
     "access_denied": "storage refused the read (S3 403); the message names the missing permission",
     "joint_not_found": "no knee joint could be located on the image with enough confidence",
+    # Permanent: both the device decoder (nvImageCodec) and the CPU decoders failed on the frame.
+    "frame_decode_failed": "neither the device decoder nor the CPU fallback could decode the compressed frame",
 }
 
 

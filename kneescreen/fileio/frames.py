@@ -45,6 +45,11 @@ class EncodedFrame:
     data: bytes
     codec: str  # one of DEVICE_CODECS
     facts: FrameFacts
+    # DICOM frames: the transfer syntax UID and Bits Allocated of the object, so the CPU decoder
+    # decodes the frame exactly as the reader decodes the whole object (same pydicom decoder and
+    # options); empty / 0 for whole PNG / JPEG files.
+    transfer_syntax: str = ""
+    bits_allocated: int = 0
 
 
 class FrameDecoder(Protocol):
