@@ -306,7 +306,24 @@ def test_gpu_inference_and_cpu_decode_groups_autoscale():
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     cpu = groups["cpu-decode"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1" and "nvidia.com/gpu" not in cpu
-    assert int(cpu["cpu"]) > int(gpu["cpu"])  # decode capacity is what GPU nodes lack (benchmarks.md)
+    # Decode capacity is what GPU nodes lack (benchmarks.md): the cpu-decode group can add more
+    # cores than all GPU pods hold.
+    assert groups["cpu-decode"]["maxReplicas"] * int(cpu["cpu"]) > groups["gpu"]["maxReplicas"] * int(gpu["cpu"])
+
+
+def test_gpu_workers_request_what_the_sizing_rule_says():
+    """The GPU pod per GPU (kneescreen.screen.sizing.gpu_pod_request): the measured node's cores,
+    memory for their decode tasks, the actor and raw frames in flight (docs/operations.md)."""
+    from kneescreen.screen.sizing import gpu_pod_request
+
+    want = gpu_pod_request()
+    assert want == {"cpu": 15, "memory_gib": 56, "gpu": 1}
+    for f, doc in _ray_docs():
+        gpu = next(g for g in _cluster_spec(doc)["workerGroupSpecs"] if g["groupName"] == "gpu")
+        resources = gpu["template"]["spec"]["containers"][0]["resources"]
+        for kind in ("requests", "limits"):
+            assert resources[kind] == {"cpu": str(want["cpu"]), "memory": f"{want['memory_gib']}Gi",
+                                       "nvidia.com/gpu": "1"}, _doc_id((f, doc))
 
 
 def test_pseudonym_key_comes_from_a_mounted_secret_on_the_head_only():

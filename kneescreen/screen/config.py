@@ -40,9 +40,9 @@ class ScreenConfig:
     # Hash partitions of the incremental diff (screen.diff). None sizes them from the previous run
     # (about 1 million rows per partition); one partition is diffed on the driver, more as Ray tasks.
     diff_partitions: int | None = opt(None, "partitions of the incremental diff (default: ~1M objects each)")
-    # Inference batch: 32 keeps a CPU actor's working set (32 x 224^2 activations) in cache-
-    # friendly sizes; on a GPU raise it (256+) until the GPU is busy.
-    batch_size: int = opt(32, "inference batch size per actor")
+    # Inference batch (screen.sizing): 32 keeps a CPU actor's working set (32 x 224^2 activations)
+    # in cache-friendly sizes; a GPU infers 5x faster at 256 than at 32 (benchmarks.md).
+    batch_size: int | None = opt(None, "inference batch size per actor (default: 256 with --use-gpu, else 32)")
     # Rows per decode task (and per block streaming into the actors). Small enough that the
     # first inference batch is ready soon after start and every actor has blocks to take; large
     # enough that per-task overhead stays small next to decoding (bench/screen_bench.py).
@@ -54,6 +54,12 @@ class ScreenConfig:
     # inference is not the single-threaded bottleneck.
     actor_cpus: int = opt(1, "CPUs / torch threads per CPU inference actor")
     use_gpu: bool = opt(False, "one GPU per inference actor")
+    # GPU runs cap concurrent decode tasks at the CPUs that keep the GPUs at 90% of their measured
+    # model rate (screen.sizing, docs/operations.md "Sizing"); CPU runs leave it to Ray Data.
+    decode_tasks: int | None = opt(None, "most concurrent decode tasks (default with --use-gpu: the CPUs that keep "
+                                   "the GPUs busy, at most the cluster's; else Ray Data decides)")
+    decode_rate: float | None = opt(None, "images/s one CPU decodes, for --use-gpu sizing (default 35: full-size "
+                                    "films, benchmarks.md; measure yours with bench/gpu_node.py)")
     body_part_policy: str = opt("skip", "skip: non-knee DICOM (BodyPartExamined) becomes a skipped row",
                                 choices=("skip", "keep"))
     # Most bytes of a mixed PACS export can be CTs and chest films: reading each DICOM header
@@ -74,10 +80,12 @@ class ScreenConfig:
         if self.body_part_policy not in ("skip", "keep"):
             raise KneescreenError(f"--body-part-policy must be skip or keep, not {self.body_part_policy!r}")
         for name in ("batch_size", "decode_batch_size", "actor_cpus", "actors", "max_pixels", "list_workers",
-                     "diff_partitions"):
+                     "diff_partitions", "decode_tasks"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.decode_rate is not None and not self.decode_rate > 0:
+            raise KneescreenError(f"--decode-rate must be a positive images/s, not {self.decode_rate}")
         if self.max_retries < 0:
             raise KneescreenError(f"--max-retries must be 0 or more, not {self.max_retries}")
         if self.list_fanout_depth < 0:

@@ -39,6 +39,7 @@ from kneescreen.model.bundle import Bundle, load_bundle
 from kneescreen.screen import diff, ledger
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.schema import PREDICTIONS
+from kneescreen.screen.sizing import Plan, plan_screening, resolve_actors  # noqa: F401  (resolve_actors: public here too)
 from kneescreen.screen.stages import (
     EnsemblePredictor,
     decode_stage,
@@ -53,18 +54,14 @@ DECODE_MEMORY = 512 * 1024**2
 PREDICTION_FILE_ROWS = 20_000  # target rows per predictions Parquet file (a few MB)
 
 
-def resolve_actors(cfg: ScreenConfig, cluster: dict) -> int:
-    """The inference pool size: as configured, else sized from the cluster's resources."""
-    if cfg.actors is not None:
-        return cfg.actors
-    if cfg.use_gpu:
-        return max(1, int(cluster.get("GPU", 0)))
-    return max(1, int(cluster.get("CPU", 1)) // (2 * max(1, cfg.actor_cpus)))
-
-
 def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: list[str], pseudo_key: bytes,
-                  run_id: str) -> ray.data.Dataset:
-    """The lazy Ray Data plan from listing chunks to `schema.PREDICTIONS` blocks."""
+                  run_id: str, plan: Plan | None = None) -> ray.data.Dataset:
+    """The lazy Ray Data plan from listing chunks to `schema.PREDICTIONS` blocks (sizes from
+    ``plan``, else from ``cfg`` as given: `actors` and `batch_size` set)."""
+    plan = plan or Plan(actors=cfg.actors or 1, batch_size=cfg.batch_size or 32, decode_tasks=cfg.decode_tasks)
+    # --use-gpu: at most the decode tasks that keep the GPUs busy (screen.sizing); CPU runs: Ray
+    # Data schedules as many as the CPUs the actors leave.
+    decode_compute = ray.data.TaskPoolStrategy(size=plan.decode_tasks) if plan.decode_tasks else None
     payload = ray.put({"manifest": bundle.manifest, "states": bundle.states()})
     spec = DecodeSpec(store=store, sizes=tuple(bundle.sizes), views=bundle.views, root=cfg.input, pseudo_key=pseudo_key,
                       reference=ray.put(load_side_table(store, cfg.reference)),
@@ -82,9 +79,9 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
         # Decode tasks reserve memory (a 4k x 4k 16-bit radiograph peaks near 0.5 GB as float
         # arrays). The reservation also keeps Ray from fusing decode into the inference actor,
         # so decoding runs in parallel CPU tasks while the actor keeps inferring.
-        .map_batches(decode_stage, batch_size=cfg.decode_batch_size, memory=DECODE_MEMORY,
+        .map_batches(decode_stage, batch_size=cfg.decode_batch_size, memory=DECODE_MEMORY, compute=decode_compute,
                      fn_kwargs={"spec": spec, "max_retries": cfg.max_retries})
-        .map_batches(EnsemblePredictor, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        .map_batches(EnsemblePredictor, batch_size=plan.batch_size, compute=ray.data.ActorPoolStrategy(size=plan.actors),
                      fn_constructor_kwargs={"payload": payload, "use_gpu": cfg.use_gpu, "threads": cfg.actor_cpus},
                      num_gpus=1 if cfg.use_gpu else 0, num_cpus=0 if cfg.use_gpu else cfg.actor_cpus)
         .map_batches(to_prediction_table, batch_format="numpy", fn_kwargs={
@@ -98,14 +95,17 @@ def _screen(cfg: ScreenConfig, store: Store, bundle: Bundle, listing: dict, key:
     if not listing["to_screen"]:
         return 0
     ensure_ray()
-    cfg = dataclasses.replace(cfg, actors=resolve_actors(cfg, ray.cluster_resources()))
+    # Sizes the user left unset, from the cluster's resources and the measured rates (screen.sizing).
+    plan = plan_screening(cfg, ray.cluster_resources())
+    cfg = dataclasses.replace(cfg, actors=plan.actors, batch_size=plan.batch_size, decode_tasks=plan.decode_tasks)
     # The console turns this line into a progress line fed by the inference operator's output
     # rows (kneescreen._private.console); Ray Data's own progress dumps go to the log file.
     _logger.info("run %s: screening %d objects on %d inference actor(s) x %s", run_id, listing["to_screen"],
                  cfg.actors, "1 GPU" if cfg.use_gpu else f"{cfg.actor_cpus} CPU",
                  extra={"progress_total": listing["to_screen"], "progress_unit": "images",
                         "progress_label": "screening", "progress_op": EnsemblePredictor.__name__})
-    ds = build_dataset(cfg, store, bundle, listing["chunk_uris"], key, run_id)
+    (_logger.warning if plan.bottleneck == "decode" else _logger.info)("run %s: sizing: %s", run_id, plan.describe())
+    ds = build_dataset(cfg, store, bundle, listing["chunk_uris"], key, run_id, plan)
     out_fs, out_path = store.filesystem(pred_uri)
     # Blocks are small (decode_batch_size rows) for pipelining; files are not: analytics engines
     # prefer fewer, larger Parquet files.
