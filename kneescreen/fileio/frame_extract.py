@@ -142,11 +142,9 @@ def _extract_raster(data: bytes, config: ReaderConfig, codecs: tuple[str, ...]) 
         facts = FrameFacts(rows=rows, columns=cols, bits_stored=bits, signed=False, photometric="MONOCHROME2")
         meta = RadiographMeta(format=fmt, rows=rows, cols=cols, photometric="MONOCHROME2", bits_stored=bits)
         return ExtractedFrame(facts=facts, meta=meta, encoded=EncodedFrame(data=data, codec=fmt, facts=facts))
-    stored, fmt, notes = raster_stored(data, config)
-    bits = 8 if stored.dtype == np.uint8 else 16
-    rows, cols = (int(n) for n in stored.shape)
-    facts = FrameFacts(rows=rows, columns=cols, bits_stored=bits, signed=False, photometric="MONOCHROME2")
-    meta = RadiographMeta(format=fmt, rows=rows, cols=cols, photometric="MONOCHROME2", bits_stored=bits)
+    stored, meta, notes = raster_stored(data, config)
+    facts = FrameFacts(rows=meta.rows, columns=meta.cols, bits_stored=meta.bits_stored or 16, signed=False,
+                       photometric="MONOCHROME2")
     return ExtractedFrame(facts=facts, meta=meta, stored=stored, warnings=notes)
 
 

@@ -22,49 +22,23 @@ def is_raster(data: bytes) -> bool:
     return data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC)
 
 
-def read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
-    """Decode a PNG or JPEG (8 or 16 bit, EXIF orientation applied) into a `Radiograph`."""
-    stored, fmt, notes = raster_stored(data, config)
-    check_plausible(stored, config)
-    if stored.dtype == np.uint8:
-        image = (stored.astype(np.float32) / 255.0)
-    else:
-        # 16-bit exports rarely use the full range (12-bit detectors): window like a viewer would.
-        image = robust_window(stored.astype(np.float32))
-    meta = RadiographMeta(
-        format=fmt,
-        rows=int(stored.shape[0]),
-        cols=int(stored.shape[1]),
-        photometric="MONOCHROME2",
-        bits_stored=8 if stored.dtype == np.uint8 else 16,
-    )
-    return Radiograph(image=image, pixel_hash=maybe_hash(stored, config), meta=meta, warnings=notes)
-
-
-def open_raster(data: bytes, config: ReaderConfig):
-    """(Pillow image with only its header read, "png" | "jpeg"); refuses unreadable headers and
-    images above ``config.max_pixels`` before any pixel is decoded."""
+def raster_stored(data: bytes, config: ReaderConfig) -> tuple[np.ndarray, RadiographMeta, list[str]]:
+    """(stored values, meta, notes) of a PNG or JPEG (8 or 16 bit, EXIF orientation applied;
+    colour becomes luminance): everything before the plausibility checks and the display scale."""
     fmt = "png" if data.startswith(PNG_MAGIC) else "jpeg"
-    try:
-        im = Image.open(io.BytesIO(data))
-        cols, rows = im.size
-    except Exception as exc:  # noqa: BLE001
-        raise DecodeError("truncated" if len(data) < 64 else "malformed", f"{fmt} header unreadable: {exc}") from None
-    if rows * cols > config.max_pixels:
-        raise DecodeError(
-            "too_large",
-            f"{rows}x{cols} = {rows * cols} pixels exceeds the limit of {config.max_pixels}",
-        )
-    return im, fmt
-
-
-def raster_stored(data: bytes, config: ReaderConfig) -> tuple[np.ndarray, str, list[str]]:
-    """The stored pixel values of a PNG or JPEG (EXIF orientation applied, colour -> luminance):
-    (2-D uint8 or uint16 array, "png" | "jpeg", warnings). No plausibility check."""
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        im, fmt = open_raster(data, config)
+        try:
+            im = Image.open(io.BytesIO(data))
+            cols, rows = im.size
+        except Exception as exc:  # noqa: BLE001
+            raise DecodeError("truncated" if len(data) < 64 else "malformed", f"{fmt} header unreadable: {exc}") from None
+        if rows * cols > config.max_pixels:
+            raise DecodeError(
+                "too_large",
+                f"{rows}x{cols} = {rows * cols} pixels exceeds the limit of {config.max_pixels}",
+            )
         try:
             im.load()
         except OSError as exc:
@@ -84,4 +58,40 @@ def raster_stored(data: bytes, config: ReaderConfig) -> tuple[np.ndarray, str, l
         stored = np.asarray(im.convert("L"))
     if stored.ndim != 2:
         raise DecodeError("unsupported_photometric", f"unexpected {fmt} pixel layout {stored.shape}")
-    return stored, fmt, notes
+    meta = RadiographMeta(
+        format=fmt,
+        rows=int(stored.shape[0]),
+        cols=int(stored.shape[1]),
+        photometric="MONOCHROME2",
+        bits_stored=8 if stored.dtype == np.uint8 else 16,
+    )
+    return stored, meta, notes
+
+
+def read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
+    """Decode a PNG or JPEG (8 or 16 bit, EXIF orientation applied) into a `Radiograph`."""
+    stored, meta, notes = raster_stored(data, config)
+    check_plausible(stored, config)
+    if stored.dtype == np.uint8:
+        image = (stored.astype(np.float32) / 255.0)
+    else:
+        # 16-bit exports rarely use the full range (12-bit detectors): window like a viewer would.
+        image = robust_window(stored.astype(np.float32))
+    return Radiograph(image=image, pixel_hash=maybe_hash(stored, config), meta=meta, warnings=notes)
+
+
+def open_raster(data: bytes, config: ReaderConfig):
+    """(Pillow image with only its header read, "png" | "jpeg"), refusing what `raster_stored`
+    refuses before decoding (unreadable header, more than ``config.max_pixels``)."""
+    fmt = "png" if data.startswith(PNG_MAGIC) else "jpeg"
+    try:
+        im = Image.open(io.BytesIO(data))
+        cols, rows = im.size
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError("truncated" if len(data) < 64 else "malformed", f"{fmt} header unreadable: {exc}") from None
+    if rows * cols > config.max_pixels:
+        raise DecodeError(
+            "too_large",
+            f"{rows}x{cols} = {rows * cols} pixels exceeds the limit of {config.max_pixels}",
+        )
+    return im, fmt
