@@ -37,6 +37,7 @@ _NO_LIMIT = ReaderConfig(max_pixels=2**62, check_plausibility=False, hash_pixels
 # pydicom's decoders mask the bits above Bits Stored for these codecs (`correct_unused_bits`);
 # JPEG 2000 keeps its codestream's precision.
 _MASKED_CODECS = ("jpeg", "jpeg-lossless")
+HOST_THREADS = 4
 
 
 def _message(result: BaseException) -> str:
@@ -141,7 +142,9 @@ class NvImageCodecDecoder:
             backends = [nvimgcodec.Backend(k) for k in (nvimgcodec.BackendKind.GPU_ONLY,
                                                         nvimgcodec.BackendKind.HYBRID_CPU_GPU,
                                                         nvimgcodec.BackendKind.HW_GPU_ONLY)]
-            self._decoder = nvimgcodec.Decoder(device_id=index, backends=backends)
+            # Host threads (the hybrid JPEG backend's Huffman decode, codestream parsing): a few, not
+            # one per core (nvImageCodec's default): the node's cores run the decode tasks.
+            self._decoder = nvimgcodec.Decoder(device_id=index, max_num_cpu_threads=HOST_THREADS, backends=backends)
         else:
             self._decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
                                                backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
