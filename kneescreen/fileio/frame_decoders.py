@@ -89,14 +89,15 @@ def _decode_dicom_frame(frame: EncodedFrame) -> np.ndarray:
     from kneescreen.fileio.dicom.pixels import decode_pixels
 
     facts = frame.facts
+    bits = int(facts.bits_stored)  # ints: facts read back from Arrow blocks with nulls can be floats
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(frame.transfer_syntax)
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = facts.rows, facts.columns, 1
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = int(facts.rows), int(facts.columns), 1
     ds.PhotometricInterpretation = facts.photometric
-    ds.BitsAllocated = frame.bits_allocated or (8 if facts.bits_stored <= 8 else 16)
-    ds.BitsStored, ds.HighBit = facts.bits_stored, facts.bits_stored - 1
-    ds.PixelRepresentation = int(facts.signed)
+    ds.BitsAllocated = int(frame.bits_allocated) or (8 if bits <= 8 else 16)
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    ds.PixelRepresentation = int(bool(facts.signed))
     ds.PixelData = encapsulate([frame.data])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
@@ -189,7 +190,7 @@ class NvImageCodecDecoder:
         stream = self._nv.CodeStream(frame.data)
         # Reading the header parses the codestream: garbage raises here, per frame.
         shape = (stream.height, stream.width, stream.num_channels)
-        if shape != (facts.rows, facts.columns, 1):
+        if shape != (int(facts.rows), int(facts.columns), 1):
             raise ValueError(f"codestream is {shape[0]}x{shape[1]}x{shape[2]}, header says "
                              f"{facts.rows}x{facts.columns}x1")
         return stream
@@ -208,7 +209,7 @@ class NvImageCodecDecoder:
             t = t[..., 0]
         if t.dtype == torch.uint16:
             t = t.to(torch.int32)  # few torch ops take uint16; int32 holds every 16-bit value
-        bits = frame.facts.bits_stored
+        bits = int(frame.facts.bits_stored)
         if frame.codec in _MASKED_CODECS and bits < 16 and t.dtype != torch.uint8:
             t = t & ((1 << bits) - 1)
         return t
