@@ -119,8 +119,8 @@ class NvImageCodecDecoder:
     """nvImageCodec, batched: results are torch tensors on ``device`` (or exceptions).
 
     ``device="cpu"`` runs nvImageCodec's own CPU backends (libjpeg-turbo, PNG): for tests and
-    debugging where no GPU exists; they decode baseline and 8-bit lossless JPEG and PNG, not
-    JPEG 2000.
+    debugging where no GPU exists; they decode baseline and 8-bit lossless JPEG and PNG, and
+    JPEG 2000 only where OpenCV is installed (its OpenJPEG).
     """
 
     name = "nvimgcodec"
