@@ -173,8 +173,8 @@ FANOUTS = [dict(fanout_depth=0, workers=1), dict(fanout_depth=1, workers=4), dic
 def _listing(store, root, **kw):
     seen, fp = [], listing.Fingerprint()
     for page in listing.iter_pages(store, root, page_size=2, **kw):
-        seen += [(o.key, o.etag, o.size) for o in page]
-        fp.add([ledger.object_digest(o.key, o.etag) for o in page])
+        seen += [(o.key, o.etag, o.size) for o in page.objects]
+        fp.add([ledger.object_digest(o.key, o.etag) for o in page.objects])
     return seen, fp.hexdigest()
 
 
