@@ -78,7 +78,9 @@ def format_audit(audit: dict, out: str) -> str:
     share = f" ({100 * b['read'] / b['listed']:.2f}% of {b['listed']:,})" if b["listed"] else ""
     lines = [
         f"link {audit['archive']} x {audit['registry']} (window +-{audit['window_days']} days) -> {out}",
-        f"  objects listed          {c['listed']:>9,}",
+        f"  objects listed          {c['listed']:>9,}"
+        + (f"   ({c['skipped_directory_markers']:,} directory marker(s) skipped: keys ending in /)"
+           if c.get("skipped_directory_markers") else ""),
         f"  skipped                 {sum(c['skipped'].values()):>9,}   {_by(c['skipped'])}",
         f"  linked                  {c['linked']:>9,}   {_by(audit['classes'])}",
         f"  unlinked                {sum(c['unlinked'].values()):>9,}   {_by(c['unlinked'])}",
