@@ -192,6 +192,7 @@ def test_link_reports_a_replaced_object_as_changed_during_read(where, tmp_path, 
 
 # -- end to end: the next incremental run screens the new version ----------------------------------
 
+@pytest.mark.slow  # ~45-55 s each: three screening runs
 @pytest.mark.ray
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_the_next_incremental_run_screens_the_new_version(where, ray_local, s3_bucket, small_archive, labels,
