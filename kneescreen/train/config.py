@@ -171,7 +171,7 @@ def _reachable(store, uri: str) -> bool:
     if store.exists(uri):
         return True
     try:
-        objects, dirs = next(iter(store.list_pages(uri, recursive=False, page_size=1)), ([], []))
+        page = next(iter(store.list_pages(uri, recursive=False, page_size=1)), None)
     except Exception:  # noqa: BLE001 - unreachable, whatever the reason
         return False
-    return bool(objects or dirs)
+    return page is not None and bool(page.objects or page.dirs)
