@@ -153,7 +153,7 @@ def test_member_strings_carry_the_view():
     cfg = TrainConfig(data="d", out="o", image_size=160,
                       members=("spectral_texture:gray:frozen:roi", "efficientnet_lite0:gray:frozen"))
     roi, whole = cfg.member_specs()
-    assert (roi.view, roi.input_key, roi.name) == ("roi", "roi_128", "spectral_texture-gray-roi")
+    assert (roi.view, roi.input_key, roi.name) == ("roi", "roi_128", "spectral_texture-gray-roi-frozen")
     assert (whole.view, whole.input_key) == ("img", "img_160")  # --image-size sets whole-film members only
     with pytest.raises(KneescreenError, match="view"):
         TrainConfig(data="d", out="o", members=("test_cnn:gray:frozen:crop",)).member_specs()
