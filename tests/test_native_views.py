@@ -124,7 +124,7 @@ def _roi_bundle(arch: str = "test_cnn", size: int = 32) -> Bundle:
 
 def test_bundle_mean_pools_instance_logits():
     b = _roi_bundle()
-    assert b.views == ("roi_32",) and b.sizes == [] and b.manifest.members[0].name == "test_cnn-gray-roi"
+    assert b.views == ("roi_32",) and b.sizes == [] and b.manifest.members[0].name == "test_cnn-gray-roi-frozen"
     x = np.random.default_rng(0).integers(0, 255, (5, 2, 32, 32), dtype=np.uint8)
     pooled = b.member_logits({"roi_32": x})[0]
     img = _roi_bundle_as_img(b)
