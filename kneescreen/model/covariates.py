@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kneescreen.labels import to_floats
 from kneescreen.model.fusion import softmax
 
 
@@ -25,19 +26,31 @@ def _sex_code(sex) -> str | None:
     return None
 
 
+def sex_codes(sexes) -> np.ndarray:
+    """`_sex_code` of every value ("F", "M" or None) as an object array: one call per distinct value.
+
+    Values are told apart by ``str`` (None becomes "None", NaN "nan"), which `_sex_code` maps to None
+    as it does None itself."""
+    text = np.asarray(sexes, dtype=object).reshape(-1).astype(str)
+    distinct, inverse = np.unique(text, return_inverse=True)
+    return np.array([_sex_code(v) for v in distinct], dtype=object)[inverse]
+
+
 def covariate_features(ages, sexes, age_mean: float = 65.0, age_sd: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
-    """Design matrix [age_z, female, age_missing, sex_missing] and a per-row 'imputed' flag."""
-    rows, imputed = [], []
-    for age, sex in zip(ages, sexes):
-        a = None if age is None or (isinstance(age, float) and np.isnan(age)) else float(age)
-        s = _sex_code(sex)
-        rows.append([
-            0.0 if a is None else (a - age_mean) / age_sd,
-            1.0 if s == "F" else 0.0 if s == "M" else 0.5,
-            float(a is None), float(s is None),
-        ])
-        imputed.append(a is None or s is None)
-    return np.asarray(rows, float), np.asarray(imputed, bool)
+    """Design matrix [age_z, female, age_missing, sex_missing] and a per-row 'imputed' flag.
+
+    Args:
+        ages: years per row (None / NaN missing); sexes: per row (None or unrecognised missing).
+            Lists or arrays (training metadata columns).
+    """
+    a = to_floats(ages)
+    s = sex_codes(sexes)
+    age_missing, female, male = np.isnan(a), s == "F", s == "M"
+    sex_missing = ~(female | male)
+    x = np.column_stack([np.where(age_missing, 0.0, (a - age_mean) / age_sd),
+                         np.where(female, 1.0, np.where(male, 0.0, 0.5)),
+                         age_missing.astype(float), sex_missing.astype(float)])
+    return x, age_missing | sex_missing
 
 
 @dataclass
