@@ -260,3 +260,21 @@ def test_the_deployed_choice_and_every_selection_number_are_unchanged(monkeypatc
     assert manifest() == new
     assert json.loads(new)  # a real manifest, not an empty string
 
+
+
+def test_evaluation_reads_metadata_columns_as_it_read_lists():
+    """`image_value` and the age-band table from NumPy metadata columns (NaN / None for missing)
+    equal what they give from per-row lists with None, as the driver held them before."""
+    from kneescreen.train.evaluate import _by_age_band, image_value
+
+    n = 120
+    y, p = _data(n, 5)
+    _, q = _data(n, 6)
+    ages = [None if i % 9 == 0 else 45.0 + (i * 7) % 45 for i in range(n)]
+    sexes = [None if i % 10 == 0 else ("F", "M", "female")[i % 3] for i in range(n)]
+    t = [None if i % 4 == 0 else -2.5 + 0.02 * i for i in range(n)]
+    outputs = {"covariates_only": (q, q.argmax(1)), "image_ensemble:soft": (p, p.argmax(1))}
+    as_lists = image_value(outputs, y, ages, sexes, t, n_boot=50)
+    as_columns = image_value(outputs, y, to_floats(ages), np.array(sexes, dtype=object), to_floats(t), n_boot=50)
+    assert as_lists == as_columns and as_lists["t_score_partial_spearman"]["n"] == 75
+    assert _by_age_band(y, p, p.argmax(1), ages) == _by_age_band(y, p, p.argmax(1), to_floats(ages)) != {}
