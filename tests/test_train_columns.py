@@ -278,3 +278,46 @@ def test_evaluation_reads_metadata_columns_as_it_read_lists():
     as_columns = image_value(outputs, y, to_floats(ages), np.array(sexes, dtype=object), to_floats(t), n_boot=50)
     assert as_lists == as_columns and as_lists["t_score_partial_spearman"]["n"] == 75
     assert _by_age_band(y, p, p.argmax(1), ages) == _by_age_band(y, p, p.argmax(1), to_floats(ages)) != {}
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 7, 8, 9])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_gives_the_numbers_of_the_reduction_formula(k, dtype):
+    from kneescreen.model.fusion import softmax
+
+    rng = np.random.default_rng(k)
+    for scale in (0.1, 3.0, 40.0):
+        z = (rng.normal(size=(500, k)) * scale).astype(dtype)
+        zz = z - z.max(1, keepdims=True)
+        e = np.exp(zz)
+        want = e / e.sum(1, keepdims=True)
+        before = z.copy()
+        got = softmax(z)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+        assert np.array_equal(z, before)  # the input is left alone
+
+
+def test_product_stacker_fit_is_unchanged():
+    """The stacker with its log-probabilities computed once equals the per-step version."""
+    from kneescreen.model.covariates import ProductStacker
+    from kneescreen.model.fusion import softmax
+
+    def fit_before(p_cov, p_img, y, l2=0.1):
+        onehot, best = np.eye(3)[y], (np.inf, 0.0, np.zeros(3))
+        for beta in np.linspace(0.0, 2.0, 41):
+            bias = np.zeros(3)
+            for _ in range(300):
+                p = softmax(ProductStacker._logits(p_cov, p_img, beta, bias))
+                bias -= 0.5 * ((p - onehot).mean(0) + l2 * bias)
+            p = softmax(ProductStacker._logits(p_cov, p_img, beta, bias))
+            nll = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean() + 0.5 * l2 * (bias**2).sum())
+            if nll < best[0] - 1e-9:
+                best = (nll, float(beta), bias.copy())
+        return best[1], best[2]
+
+    y, p_img = _data(150, 11)
+    _, p_cov = _data(150, 12)
+    p_img[0] = [1.0, 0.0, 0.0]  # a zero probability: clipped the same way
+    got = ProductStacker().fit(p_cov, p_img, y)
+    beta, bias = fit_before(p_cov, p_img, y)
+    assert got.beta == beta and np.array_equal(got.bias, bias) and beta > 0

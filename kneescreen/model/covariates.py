@@ -112,12 +112,15 @@ class ProductStacker:
         k = p_cov.shape[1]
         onehot = np.eye(k)[y]
         best = (np.inf, 0.0, np.zeros(k))
+        # The log-probabilities once, not per step: `_logits` computes these same numbers.
+        log_cov, log_img = np.log(np.clip(p_cov, 1e-6, 1)), np.log(np.clip(p_img, 1e-6, 1))
         for beta in np.linspace(0.0, 2.0, 41):
             bias = np.zeros(k)
+            base = log_cov + beta * log_img
             for _ in range(300):
-                p = softmax(self._logits(p_cov, p_img, beta, bias))
+                p = softmax(base + bias)
                 bias -= 0.5 * ((p - onehot).mean(0) + l2 * bias)
-            p = softmax(self._logits(p_cov, p_img, beta, bias))
+            p = softmax(base + bias)
             nll = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean() + 0.5 * l2 * (bias**2).sum())
             if nll < best[0] - 1e-9:
                 best = (nll, float(beta), bias.copy())
