@@ -321,3 +321,21 @@ def test_product_stacker_fit_is_unchanged():
     got = ProductStacker().fit(p_cov, p_img, y)
     beta, bias = fit_before(p_cov, p_img, y)
     assert got.beta == beta and np.array_equal(got.bias, bias) and beta > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_evaluate_reads_only_the_test_split_and_reproduces_the_training_report(ray_local, train_archive, tmp_path):
+    """`kneescreen evaluate` (the split read as Arrow in a Ray task, filtered to ``--split test``)
+    gives the held-out report `run_train` wrote, number for number."""
+    from kneescreen.train.config import TrainConfig
+    from kneescreen.train.evaluate import EvaluateConfig, run_evaluate
+    from kneescreen.train.run import run_train
+
+    out = str(tmp_path / "bundle")
+    trained = run_train(TrainConfig(data=str(train_archive), out=out, members=("test_cnn:gray:frozen",),
+                                    weights="none", image_size=32, oof_folds=3, storage_path=str(tmp_path / "runs"),
+                                    name="columns"))
+    report = run_evaluate(EvaluateConfig(bundle=out, split_dir=f"{out}/split", split="test"))
+    assert report["n"] == trained["test"]["n"] > 0
+    assert json.dumps(report, sort_keys=True, default=float) == json.dumps(trained["test"], sort_keys=True, default=float)
