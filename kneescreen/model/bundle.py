@@ -191,8 +191,8 @@ class Bundle:
         kind = self.manifest.predictor
         cov_out = None
         if self.covariate_model is not None:
-            p_cov, imputed = self.covariate_probs([None] * n if ages is None else list(ages),
-                                                  [None] * n if sexes is None else list(sexes))
+            p_cov, imputed = self.covariate_probs([None] * n if ages is None else ages,
+                                                  [None] * n if sexes is None else sexes)
             cov_out = np.where(imputed[:, None], np.nan, p_cov)
         if cov_out is not None and (kind == "covariates" or (kind == "fused" and self.stacker is not None)):
             chosen = self.stacker.predict_proba(p_cov, image_probs) if kind == "fused" else p_cov
@@ -204,8 +204,8 @@ class Bundle:
         th, triage = self.manifest.thresholds, self.manifest.triage
         low = probs[:, 1] + probs[:, 2]
         zones = assign_zones(low, triage.rule_out.threshold, triage.rule_in.threshold) if triage else None
-        est, lo, hi = predict_t_score(self.manifest.t_score, [None] * n if ages is None else list(ages),
-                                      [None] * n if sexes is None else list(sexes), image_probs)
+        est, lo, hi = predict_t_score(self.manifest.t_score, [None] * n if ages is None else ages,
+                                      [None] * n if sexes is None else sexes, image_probs)
         return Prediction(
             probs=probs, pred=pred, low_bmd_score=low,
             low_bmd_flag=low >= th.low_bmd.threshold,
