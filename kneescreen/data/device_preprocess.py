@@ -18,6 +18,8 @@ a failed batch.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,14 @@ def to_device(pixels, device) -> torch.Tensor:
     ops take them), after the copy, so only the stored bytes cross the bus."""
     if not isinstance(pixels, torch.Tensor):
         arr = np.ascontiguousarray(pixels)
-        pixels = torch.from_numpy(arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("=")))
-    t = pixels
-    t = t.to(device, non_blocking=True)
+        arr = arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))
+        with warnings.catch_warnings():
+            # Frames arrive as read-only views of the batch's bytes; nothing here writes to them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = torch.from_numpy(arr)
+    t = pixels.to(device, non_blocking=True)
+    if t.dtype == torch.uint16:
+        return t.to(torch.int32)
     return t if t.dtype in _NATIVE else t.to(torch.int64)
 
 
