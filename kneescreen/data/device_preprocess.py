@@ -98,7 +98,10 @@ def robust_window(x: torch.Tensor) -> torch.Tensor:
 
 def display(x: torch.Tensor, facts: FrameFacts) -> torch.Tensor:
     """Pixel values -> float32 [0, 1], bone bright (`fileio.dicom.display.display`)."""
-    x = (x.to(torch.float64) * facts.rescale_slope + facts.rescale_intercept).to(torch.float32)
+    if facts.rescale_slope != 1 or facts.rescale_intercept != 0:  # pydicom rescales in float64
+        x = (x.to(torch.float64) * facts.rescale_slope + facts.rescale_intercept).to(torch.float32)
+    else:  # the same values: an exact integer (or float64) rounds to float32 once either way
+        x = x.to(torch.float32)
     if facts.display_scale is not None:
         image = torch.clamp(x / facts.display_scale, 0, 1)
     elif facts.window_center is not None and facts.window_width is not None and facts.window_width > 0:
