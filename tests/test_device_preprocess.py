@@ -153,3 +153,27 @@ def test_batch_keeps_row_order_and_blanks_failures():
     x = inputs["img_32"]
     assert x.shape == (4, 32, 32) and x.dtype == torch.uint8
     assert x[0].any() and not x[1].any() and not x[2].any() and torch.equal(x[0], x[3])
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "JPEG2000.dcm"])
+@pytest.mark.parametrize("keep", [0.3, 0.7, 0.95])
+def test_truncated_files_fail_alike(name, keep):
+    """A cut-off object gives the same error code (or the same pixels) on both paths."""
+    data = open(FILES[name], "rb").read()
+    assert_same(data[: int(len(data) * keep)], ("img_64",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", DECODING[:40])
+def test_cuda_equals_cpu_path(name):
+    """The same within one grey level when the tensors live on a GPU."""
+    data = open(FILES[name], "rb").read()
+    err_cpu, cpu = _cpu(data, KEYS)
+    sf = read_stored(data, CFG)
+    inputs, errors = preprocess_stored([sf.pixels], [sf.facts], KEYS, device="cuda")
+    assert errors[0] == err_cpu
+    if err_cpu is None:
+        for k in KEYS:
+            assert np.abs(inputs[k][0].cpu().numpy().astype(int) - cpu[k].astype(int)).max() <= 1, k

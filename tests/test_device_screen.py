@@ -99,6 +99,25 @@ def both(archive, views_bundle):
             _chain(listing, spec, bundle, "device", block_bytes=40_000).to_pandas(), spec, listing)
 
 
+def test_preprocess_defaults_to_device_with_gpu_and_is_a_flag():
+    import argparse
+
+    from kneescreen.config import add_arguments, build
+    from kneescreen.errors import KneescreenError
+    from kneescreen.screen.config import ScreenConfig
+
+    base = ScreenConfig(input="in", output="out", bundle="b")
+    assert base.resolved_preprocess == "cpu"
+    assert dataclasses.replace(base, use_gpu=True).resolved_preprocess == "device"
+    assert dataclasses.replace(base, use_gpu=True, preprocess="cpu").resolved_preprocess == "cpu"
+    with pytest.raises(KneescreenError):
+        dataclasses.replace(base, preprocess="gpu").validate()
+    ap = argparse.ArgumentParser()
+    add_arguments(ap, ScreenConfig)
+    args = ap.parse_args(["--input", "i", "--output", "o", "--bundle", "b", "--preprocess", "device"])
+    assert build(ScreenConfig, args).preprocess == "device"
+
+
 def assert_same_rows(cpu, dev):
     cpu, dev = cpu.sort_values("key").reset_index(drop=True), dev.sort_values("key").reset_index(drop=True)
     assert len(cpu) == len(dev)
