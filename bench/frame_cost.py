@@ -63,7 +63,7 @@ def run(rows: int, cols: int, films: int, batch_rows: int = 32) -> dict:
             with open(os.path.join(d, f"f{i:03d}.dcm"), "wb") as fh:
                 fh.write(data)
         spec = DecodeSpec(store=Store(), sizes=(224,), views=("roi_128", "tiles_224"), root=d)
-        batch = {"key": [f"f{i:03d}.dcm" for i in range(films)], "etag": ["e"] * films, "size": [len(data)] * films}
+        batch = {"key": [f"f{i:03d}.dcm" for i in range(films)], "size": [len(data)] * films}
         cpu_ms, cpu_out = _ms(lambda: typed_table(decode_batch(dict(batch), spec)))
         dev_ms, blocks = _ms(lambda: [typed_table(b) for b in decode_stored_batch(dict(batch), spec)])
     assert all(s == "ok" for s in cpu_out.column("status").to_pylist())

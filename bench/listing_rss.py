@@ -45,11 +45,11 @@ def _etag(i: int) -> str:
 
 def fake_pages(n: int, new_from: int):
     """Pages of ObjectInfo for objects 0..n-1 (objects >= new_from are the new ones)."""
-    from kneescreen.fileio.store import ObjectInfo
+    from kneescreen.fileio.store import ListPage, ObjectInfo
 
     for start in range(0, n, PAGE):
-        yield [ObjectInfo(f"s3://bench/{_key(i)}", _key(i), 100_000 + i % 997, _etag(i))
-               for i in range(start, min(n, start + PAGE))]
+        yield ListPage([ObjectInfo(f"s3://bench/{_key(i)}", _key(i), 100_000 + i % 997, _etag(i))
+                        for i in range(start, min(n, start + PAGE))])
 
 
 def setup(out: str, n: int) -> None:
@@ -92,7 +92,7 @@ def measure(out: str, n: int, mode: str) -> dict:
         done, retry = ledger.screen_state(store, out, runs, "mv")
         counts = {"listed": 0, "already_done": 0, "retried": 0}
         for page in listing.iter_pages():
-            for o in page:
+            for o in page.objects:
                 d = ledger.object_digest(o.key, o.etag)
                 counts["listed"] += 1
                 counts["already_done"] += d in done

@@ -91,7 +91,8 @@ def _print_summary(root, synth, link, link_ok, source, tcfg, trained, first, sec
           f"unlinked {sum(c['unlinked'].values())}, {link['conflicting_patients']} conflicting patients, "
           f"{sum(link['registry_rows']['bad'].values())} bad rows; synthetic truth "
           f"{'recovered' if link_ok else 'NOT recovered'} -> {root / 'link'}")
-    print(f"  model      bundle {trained['version']} ({', '.join(tcfg.members)}, {size}) trained on {source}")
+    chosen = sel["member_sets"]["sets"][sel["member_sets"]["chosen"]]["members"]
+    print(f"  model      bundle {trained['version']} ({', '.join(chosen)}, {size}) trained on {source}")
     print(f"  deployed   {sel['deployed']}: best out-of-fold evidence over {sel['n']} images "
           f"(balanced accuracy {sel['candidates'][sel['deployed']]['balanced_accuracy']:.2f}; rule in the manifest)")
     print("  held-out test split of the training data:")

@@ -22,10 +22,11 @@ ERROR_CODES: dict[str, str] = {
     "malformed": "header could not be parsed",
     "decode_failed": "decoder rejected the pixel data",
     "read_failed": "object could not be read from storage",
-    "retries_exhausted": "a transient error (read_failed) persisted through --max-retries incremental runs; "
-                         "the message names the last error",
+    "retries_exhausted": "a transient error (read_failed, changed_during_read) persisted through --max-retries "
+                         "incremental runs; the message names the last error",
     "vanished": "object deleted between the listing and its read",
     "access_denied": "storage refused the read (S3 403); the message names the missing permission",
+    "changed_during_read": "the object changed between listing and read; the next run re-lists it",
     "joint_not_found": "no knee joint could be located on the image with enough confidence",
 }
 

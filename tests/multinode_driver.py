@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+
+MIN_NODES = 2  # the test starts the second raylet right after the head; wait for it, not a fixed sleep
 
 
 def main(archive: str, work: str) -> int:
@@ -24,6 +27,11 @@ def main(archive: str, work: str) -> int:
     from kneescreen.train.run import run_train
 
     ensure_ray()
+    deadline = time.monotonic() + 120
+    while sum(n["Alive"] for n in ray.nodes()) < MIN_NODES:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"fewer than {MIN_NODES} nodes joined within 120 s")
+        time.sleep(0.5)
     cfg = TrainConfig(data=archive, out=os.path.join(work, "bundle"), members=("test_cnn:gray",), weights="none",
                       image_size=0, epochs=1, oof_folds=3, num_workers=2, cpus_per_worker=1, placement_strategy="SPREAD",
                       storage_path=os.path.join(work, "runs"), name="multinode")

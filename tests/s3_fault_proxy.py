@@ -7,6 +7,11 @@ bodies, and connections reset before any response byte. Faults are bounded three
 can never hang on them: at most ``per_key`` per object (the next attempt goes through), at most
 ``max_faults`` in all, and none after ``seconds``; ``stop_faults()`` turns them off at once.
 Keys are chosen by a hash, so which objects fail does not depend on thread timing.
+
+It can also play a server that does not honour conditional reads: ``ignore_if_match`` forwards
+object GETs without their ``If-Match`` header (the server then answers 200 with whatever version
+it holds), and ``response_headers`` replaces (or, with None, drops) headers of object-GET
+answers, e.g. ``{"ETag": None}`` for a server that sends no ETag.
 """
 
 from __future__ import annotations
@@ -43,13 +48,16 @@ class FaultProxy:
     """
 
     def __init__(self, upstream: str, fraction: float = 0.3, per_key: int = 1, max_faults: int = 50,
-                 seconds: float = 300.0, keys: set[str] | None = None, forbid: set[str] = frozenset()):
+                 seconds: float = 300.0, keys: set[str] | None = None, forbid: set[str] = frozenset(),
+                 ignore_if_match: bool = False, response_headers: dict[str, str | None] | None = None):
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname, parsed.port)
         self.fraction, self.per_key, self.max_faults, self.seconds = fraction, per_key, max_faults, seconds
         # keys: exactly these ``bucket/key`` objects fail (instead of a hashed fraction);
         # forbid: these always answer 403 AccessDenied, as S3 does without s3:GetObject.
         self.keys, self.forbid = keys, set(forbid)
+        self.ignore_if_match, self.response_headers = ignore_if_match, dict(response_headers or {})
+        self.if_match_seen = 0  # object GETs that arrived with If-Match (before any stripping)
         self.lock = threading.Lock()
         self.faulted: Counter = Counter()  # key -> faults injected for it
         self.kinds: Counter = Counter()  # SlowDown / InternalError / reset -> count
@@ -85,6 +93,27 @@ class FaultProxy:
             fault = FAULTS[total % len(FAULTS)]
             self.kinds[fault[1] if fault else "reset"] += 1
             return fault
+
+    @staticmethod
+    def is_object_get(method: str, path: str) -> bool:
+        """``GET /bucket/key`` without a query: an object read, not a listing."""
+        parsed = urlparse(path)
+        return method == "GET" and bool(unquote(parsed.path).lstrip("/").partition("/")[2]) and not parsed.query
+
+    def rewrite(self, method: str, path: str, request: dict, response: list) -> tuple[dict, list]:
+        """(request headers to forward, response headers to send) for one request."""
+        if not self.is_object_get(method, path):
+            return request, response
+        if any(k.lower() == "if-match" for k in request):
+            with self.lock:
+                self.if_match_seen += 1
+            if self.ignore_if_match:
+                request = {k: v for k, v in request.items() if k.lower() != "if-match"}
+        if self.response_headers:
+            names = {k.lower() for k in self.response_headers}
+            response = [(k, v) for k, v in response if k.lower() not in names]
+            response += [(k, v) for k, v in self.response_headers.items() if v is not None]
+        return request, response
 
     def stop_faults(self) -> None:
         with self.lock:
@@ -141,13 +170,15 @@ def _handler(proxy: FaultProxy):
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             if self.headers.get("Transfer-Encoding"):
                 headers["Content-Length"] = str(len(body))
+            headers, _ = proxy.rewrite(self.command, self.path, headers, [])
             conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
             try:
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-                self._send(resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP
-                                         and k.lower() != "content-length"], data,
+                out = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP and k.lower() != "content-length"]
+                _, out = proxy.rewrite(self.command, self.path, {}, out)
+                self._send(resp.status, out, data,
                            length=resp.getheader("Content-Length") if self.command == "HEAD" else None)
             finally:
                 conn.close()

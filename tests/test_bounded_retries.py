@@ -97,11 +97,12 @@ def test_storage_surprises_are_rows(s3_bucket, s3_server, small_archive, labels,
     assert got["denied.dcm"][:2] == ("error", "access_denied") and "s3:GetObject" in got["denied.dcm"][2]
     assert got["empty.dcm"][:2] == ("error", "truncated")
     # Replaced between two ranged reads: the ETag-pinned read refuses to mix versions; as a row
-    # that is a transient read_failed, and the next listing sees the new etag.
+    # that is a transient changed_during_read (tests/test_changed_during_read.py), and the next
+    # listing sees the new etag.
     obj = RangedRead(store, join(root, "ok.dcm"))
     obj.extend(128)
     store.write_bytes(join(root, "ok.dcm"), data + b"\0")
     with pytest.raises(ObjectChanged):
         obj.extend(128)
-    assert is_transient("read_failed")
+    assert is_transient("changed_during_read")
     assert {o.key: o.etag for o in store.list_objects(root)}["ok.dcm"] != listed["ok.dcm"].etag

@@ -17,6 +17,7 @@ def test_demo_runs_and_prints_summary(ray_local, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "kneescreen demo summary" in text and "screened 0" in text and "synthetic truth recovered" in text
+    assert "(efficientnet_lite0-gray-frozen, 64px)" in text  # the recipe's member set (100 films: frozen only)
     assert (out / "link" / "link_audit.json").exists()
     assert (out / "bundle" / "manifest.json").exists()
     assert (out / "report" / "report.html").exists() and "report.html" in text

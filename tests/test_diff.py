@@ -171,21 +171,24 @@ FANOUTS = [dict(fanout_depth=0, workers=1), dict(fanout_depth=1, workers=4), dic
 
 
 def _listing(store, root, **kw):
-    seen, fp = [], listing.Fingerprint()
+    seen, fp, markers = [], listing.Fingerprint(), 0
     for page in listing.iter_pages(store, root, page_size=2, **kw):
-        seen += [(o.key, o.etag, o.size) for o in page]
-        fp.add([ledger.object_digest(o.key, o.etag) for o in page])
-    return seen, fp.hexdigest()
+        seen += [(o.key, o.etag, o.size) for o in page.objects]
+        fp.add([ledger.object_digest(o.key, o.etag) for o in page.objects])
+        markers += page.markers
+    return seen, fp.hexdigest(), markers
 
 
-def _check_fanouts(store, root, include=(), exclude=()):
+def _check_fanouts(store, root, include=(), exclude=(), markers=0):
     reference = sorted((o.key, o.etag, o.size) for o in store.list_objects(root, include, exclude))
     assert reference
     fingerprints = set()
     for kw in FANOUTS:
-        seen, fp = _listing(store, root, include=include, exclude=exclude, **kw)
+        seen, fp, skipped = _listing(store, root, include=include, exclude=exclude, **kw)
         assert sorted(seen) == reference, kw  # every object once: nothing skipped, nothing twice
         fingerprints.add(fp)
+        # Directory markers under the listed prefixes: each counted once, whatever the fan-out.
+        assert skipped == (markers(kw) if callable(markers) else markers), kw
     assert len(fingerprints) == 1  # order-independent: equal for equal listings
 
 
@@ -214,10 +217,17 @@ def test_parallel_listing_equals_sequential_on_s3(s3_bucket, tmp_path):
     for key in LAYOUT:
         if not key.endswith("/"):
             store.write_bytes(f"s3://{s3_bucket}/arch/{key}", (tmp_path / key).read_bytes())
-    store.write_bytes(f"s3://{s3_bucket}/arch/empty/", b"")  # a folder marker is not an object
+    # Folder markers are not objects, but counted: one at the root, one below it, one nested.
+    for marker in ("arch/", "arch/empty/", "arch/a/b/"):
+        store.write_bytes(f"s3://{s3_bucket}/{marker}", b"")
     store.write_bytes(f"s3://{s3_bucket}/archive-sibling/x.dcm", b"x")  # outside the prefix
-    _check_fanouts(store, f"s3://{s3_bucket}/arch")
-    _check_fanouts(store, f"s3://{s3_bucket}/arch", include=("*.dcm",), exclude=("a/b/*",))
+    store.write_bytes(f"s3://{s3_bucket}/archive-sibling/", b"")  # a marker outside it too
+
+    def markers(kw):  # --list-prefixes list only below them: the root's own marker is outside
+        return 2 if kw.get("prefixes") else 3
+
+    _check_fanouts(store, f"s3://{s3_bucket}/arch", markers=markers)
+    _check_fanouts(store, f"s3://{s3_bucket}/arch", include=("*.dcm",), exclude=("a/b/*",), markers=markers)
 
 
 def test_fingerprint_changes_with_the_listing():

@@ -54,11 +54,14 @@ def _rows(store: Store, output: str) -> list[dict]:
     return store.read_parquet(join(output, "predictions")).to_pylist()
 
 
-def _link(store: Store, archive: str, out: str, tmp_path: pathlib.Path, keys: list[str]) -> None:
-    """`kneescreen link` lists and reads the headers of every key (none unreadable)."""
+def _link(store: Store, archive: str, out: str, tmp_path: pathlib.Path, keys: list[str], markers: int) -> None:
+    """`kneescreen link` lists and reads the headers of every key (none unreadable) and counts
+    the directory markers it skipped."""
     registry = tmp_path / "registry.csv"
     registry.write_text("patient_id,exam_date,t_score\nnobody,2020-01-01,-1.0\n")
-    run_link(LinkConfig(archive=archive, registry=str(registry), out=out), store=store)
+    audit = run_link(LinkConfig(archive=archive, registry=str(registry), out=out), store=store)
+    assert audit["counts"]["listed"] == len(keys) and audit["counts"]["accounted"]
+    assert audit["counts"]["skipped_directory_markers"] == markers
     rows = {}
     for sub in ("labels", "unlinked"):  # a folder with no rows is not written
         if any(True for _ in store.list_objects(join(out, sub))) if out.startswith("s3://") else \
@@ -68,9 +71,10 @@ def _link(store: Store, archive: str, out: str, tmp_path: pathlib.Path, keys: li
     assert not {k: r.get("reason") for k, r in rows.items() if r.get("reason") == "read_failed"}
 
 
-def _screen_twice(store: Store, cfg: ScreenConfig, keys: list[str]) -> None:
+def _screen_twice(store: Store, cfg: ScreenConfig, keys: list[str], markers: int) -> None:
     first = run_screen(cfg, store=store)
     assert first["counts"]["listed"] == first["counts"]["screened"] == len(keys), first["counts"]
+    assert first["counts"]["skipped_directory_markers"] == markers  # skipped, and said so
     rows = _rows(store, cfg.output)
     by_key = {r["key"]: r for r in rows}
     assert sorted(by_key) == sorted(keys)  # byte for byte: no key lost, cut or re-encoded
@@ -78,6 +82,7 @@ def _screen_twice(store: Store, cfg: ScreenConfig, keys: list[str]) -> None:
     assert not bad
     second = run_screen(cfg, store=store)
     assert second["counts"]["listed"] == len(keys) and second["counts"]["screened"] == 0, second["counts"]
+    assert second["counts"]["skipped_directory_markers"] == markers
     assert len(committed_runs(store, cfg.output)) == 2
 
 
@@ -97,8 +102,8 @@ def test_every_legal_key_on_s3(ray_local, s3_bucket, small_archive, labels, plan
     listed = sorted(o.key for o in store.list_objects(root))
     assert listed == sorted(KEYS.values())
     cfg = ScreenConfig(input=root, output=f"s3://{s3_bucket}/out", bundle=tiny_bundle, batch_size=8)
-    _screen_twice(store, cfg, list(KEYS.values()))
-    _link(store, root, f"s3://{s3_bucket}/link", tmp_path, list(KEYS.values()))
+    _screen_twice(store, cfg, list(KEYS.values()), markers=2)
+    _link(store, root, f"s3://{s3_bucket}/link", tmp_path, list(KEYS.values()), markers=2)
 
 
 def test_every_legal_key_in_a_local_folder(ray_local, small_archive, labels, planted, tiny_bundle, tmp_path):
@@ -113,6 +118,6 @@ def test_every_legal_key_in_a_local_folder(ray_local, small_archive, labels, pla
         assert store.read_range(str(path), 128, 4).data == data[128:132]
     assert sorted(o.key for o in store.list_objects(str(root))) == sorted(keys)
     cfg = ScreenConfig(input=str(root), output=str(tmp_path / "out"), bundle=tiny_bundle, batch_size=8)
-    _screen_twice(store, cfg, keys)
-    _link(store, str(root), str(tmp_path / "link"), tmp_path, keys)
+    _screen_twice(store, cfg, keys, markers=0)
+    _link(store, str(root), str(tmp_path / "link"), tmp_path, keys, markers=0)
     shutil.rmtree(root)

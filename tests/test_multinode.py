@@ -9,6 +9,7 @@ import pathlib
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,17 @@ from conftest import _free_port
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_cluster]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
+
+
+def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+    """Until the head's GCS accepts connections (a worker raylet started earlier fails to join)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"the Ray head's GCS port {port} did not open within {timeout:.0f} s")
 
 
 def test_work_lands_on_both_nodes(train_archive, tmp_path):
@@ -36,11 +48,11 @@ def test_work_lands_on_both_nodes(train_archive, tmp_path):
                                f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
-        time.sleep(8)
+        _wait_for_port(gcs)
         procs.append(subprocess.Popen([RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
                                        "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True))
-        time.sleep(8)
+        # The driver waits until both nodes are alive (multinode_driver.MIN_NODES).
         run = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_driver.py"), str(root), str(tmp_path / "w")],
                              env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True, text=True,
                              timeout=600, cwd=ROOT)

@@ -124,7 +124,7 @@ def _roi_bundle(arch: str = "test_cnn", size: int = 32) -> Bundle:
 
 def test_bundle_mean_pools_instance_logits():
     b = _roi_bundle()
-    assert b.views == ("roi_32",) and b.sizes == [] and b.manifest.members[0].name == "test_cnn-gray-roi"
+    assert b.views == ("roi_32",) and b.sizes == [] and b.manifest.members[0].name == "test_cnn-gray-roi-frozen"
     x = np.random.default_rng(0).integers(0, 255, (5, 2, 32, 32), dtype=np.uint8)
     pooled = b.member_logits({"roi_32": x})[0]
     img = _roi_bundle_as_img(b)
@@ -153,7 +153,7 @@ def test_member_strings_carry_the_view():
     cfg = TrainConfig(data="d", out="o", image_size=160,
                       members=("spectral_texture:gray:frozen:roi", "efficientnet_lite0:gray:frozen"))
     roi, whole = cfg.member_specs()
-    assert (roi.view, roi.input_key, roi.name) == ("roi", "roi_128", "spectral_texture-gray-roi")
+    assert (roi.view, roi.input_key, roi.name) == ("roi", "roi_128", "spectral_texture-gray-roi-frozen")
     assert (whole.view, whole.input_key) == ("img", "img_160")  # --image-size sets whole-film members only
     with pytest.raises(KneescreenError, match="view"):
         TrainConfig(data="d", out="o", members=("test_cnn:gray:frozen:crop",)).member_specs()

@@ -33,10 +33,10 @@ QUERIES = pathlib.Path(__file__).resolve().parents[1] / "docs" / "queries"
 
 # --- classification and the ledger (no Ray) --------------------------------------------------------
 
-def test_only_read_failed_is_transient():
-    assert is_transient("read_failed")
+def test_only_read_failed_and_changed_during_read_are_transient():
+    assert is_transient("read_failed") and is_transient("changed_during_read")
     for code in [*ERROR_CODES, *SKIP_CODES, None]:
-        assert is_transient(code) == (code == "read_failed"), code
+        assert is_transient(code) == (code in ("read_failed", "changed_during_read")), code
 
 
 def _commit(output: str, run_id: str, started: str, rows: list[tuple], version: str = "mv") -> None:

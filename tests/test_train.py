@@ -1,4 +1,5 @@
-"""Ray Train fine-tuning: a 2-worker DDP run on the tiny model, and resume after a kill."""
+"""Ray Train fine-tuning: the default recipe's fine-tuned candidate as a 2-worker DDP run on the
+tiny model (its member sets chosen out of fold), and resume after a kill."""
 
 from __future__ import annotations
 
@@ -27,14 +28,26 @@ class Tty(io.StringIO):
         return True
 
 
-def test_two_worker_training_writes_a_bundle(ray_local, train_archive, tmp_path, monkeypatch):
-    """A fine-tuned member (2 DDP workers) and a frozen one; out-of-fold selection over 3 folds.
-    The quiet console shows each epoch Ray Train reported (callback -> driver log record)."""
+def _rule_choice(record: dict) -> str:
+    """The member set `MEMBER_SET_RULE` picks from the scores the manifest records."""
+    sets, base = record["sets"], record["baseline"]
+    order = list(sets)
+    best = min(order, key=lambda n: (-round(sets[n]["balanced_accuracy"], 9), len(sets[n]["members"]), order.index(n)))
+    if best != base and (sets[best]["vs_baseline"]["p_a_better"] or 0.0) < record["confidence"]:
+        return base
+    return best
+
+
+def test_default_recipe_offers_a_two_worker_fine_tuned_candidate(ray_local, train_archive, tmp_path, monkeypatch):
+    """The default recipe with --finetune-min-films lowered to 10: the frozen default, a fine-tuned
+    candidate (2 DDP workers, out of fold over 3 folds) and both are compared by the out-of-fold
+    rule, which the manifest records. The quiet console shows each epoch Ray Train reported
+    (callback -> driver log record)."""
     tty = Tty()
     monkeypatch.setattr("sys.stderr", tty)
     log_path = console.setup("train", str(tmp_path / "bundle"), verbose=False)
-    cfg = TrainConfig(data=str(train_archive), out=str(tmp_path / "bundle"),
-                      members=("test_cnn:gray", "test_cnn:rgb:frozen"), weights="none", image_size=0, epochs=2,
+    cfg = TrainConfig(data=str(train_archive), out=str(tmp_path / "bundle"), finetune_min_films=10,
+                      finetune_members=("test_cnn:gray",), weights="none", image_size=64, epochs=2,
                       num_workers=2, batch_size=8, storage_path=str(tmp_path / "runs"), name="t2w",
                       fusion="fuzzy_rank", oof_folds=3)
     try:
@@ -49,17 +62,30 @@ def test_two_worker_training_writes_a_bundle(ray_local, train_archive, tmp_path,
     b = load_bundle(str(tmp_path / "bundle"))
     m = b.manifest
     sel = m.selection
+    n_dev = sum(m.training_data["n"][s] for s in ("train", "val"))
     assert out["version"] == b.version and sel["deployed"] in sel["candidates"]
     kind = sel["deployed"].split(":")[0]
     assert m.predictor == {"covariates_only": "covariates", "image": "image", "fused": "fused"}[kind]
-    # Every fusion rule is a candidate with two members, alone and fused with age and sex.
-    assert {"covariates_only", "image:fuzzy_rank", "image:soft", "fused:weighted", "fused:majority"} <= set(sel["candidates"])
-    assert sel["n"] == sum(m.training_data["n"][s] for s in ("train", "val")) and sel["folds"] == 3
+    # The member sets, each scored out of fold; the deployed one is what the rule picks.
+    sets = sel["member_sets"]
+    assert sets["n_development_films"] == n_dev >= 10 and sets["baseline"] == "frozen"
+    assert {k: v["members"] for k, v in sets["sets"].items()} == {
+        "frozen": ["efficientnet_lite0-gray-frozen"], "finetuned": ["test_cnn-gray"],
+        "frozen+finetuned": ["efficientnet_lite0-gray-frozen", "test_cnn-gray"]}
+    assert all(0 <= v["balanced_accuracy"] <= 1 for v in sets["sets"].values())
+    assert sets["chosen"] == _rule_choice(sets)
+    assert [mm.name for mm in m.members] == sets["sets"][sets["chosen"]]["members"]
+    assert all(mm.temperature > 0 for mm in m.members)
+    assert sel["n"] == n_dev and sel["folds"] == 3
+    # Every member trained is in the history, chosen or not: the fine-tuned run's epochs are its cost.
     assert [h["epoch"] for h in m.history["test_cnn-gray"]] == [1, 2]
-    assert [mm.training for mm in m.members] == ["finetune", "frozen"] and all(mm.temperature > 0 for mm in m.members)
+    assert m.history["efficientnet_lite0-gray-frozen"][0]["features"] > 0
+    if len(m.members) > 1:  # every fusion rule is a candidate with two members
+        assert {"image:fuzzy_rank", "image:soft", "fused:weighted", "fused:majority"} <= set(sel["candidates"])
+    assert {"covariates_only", "image:fuzzy_rank"} <= set(sel["candidates"])
     assert 0 < m.thresholds.low_bmd.threshold <= 1 and m.thresholds.low_bmd.sensitivity >= 0.9
     names = set(out["test"]["predictors"])
-    assert {"member:test_cnn-gray", "member:test_cnn-rgb", f"image_ensemble:{m.fusion.method}", "covariates_only",
+    assert {*(f"member:{mm.name}" for mm in m.members), f"image_ensemble:{m.fusion.method}", "covariates_only",
             f"fused:{m.fusion.method}", "deployed"} <= names
     assert set(out["test"]["image_value"]["paired"]) >= {f"fused:{m.fusion.method}", "deployed"}
     # Checkpoints of the deployable run and of each out-of-fold run went to the storage path.

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from kneescreen.data.decode import HEAD_BYTES, DecodeSpec, decode_batch
+from kneescreen.data.decode import HEAD_BYTES, DecodeSpec, decode_batch, is_transient
 from kneescreen.data.synth import SynthConfig, Subject, draw_subjects, encode_dicom, encode_raster, render_knee
 from kneescreen.fileio.store import Store, join
 
@@ -154,7 +154,8 @@ def test_an_object_that_changes_between_reads_is_a_transient_error(objects, tmp_
             return part
 
     out = _decode(str(tmp_path), ["knee.dcm"], True, store=Rewriting())
-    assert list(out["error_code"]) == ["read_failed"] and "changed" in out["message"][0]
+    assert list(out["error_code"]) == ["changed_during_read"] and "changed" in out["message"][0]
+    assert is_transient("changed_during_read")
     assert list(out["bytes_read"]) == [HEAD_BYTES]
 
 

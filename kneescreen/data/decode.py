@@ -1,8 +1,8 @@
 """The one decode + preprocess batch function, shared by training and screening.
 
-``decode_batch(batch, spec)`` is a pure Ray Data batch function: it reads each object, decodes
-it with the pinned reader, letterboxes it to every size the models need, and adds metadata
-columns. A file that cannot be used is never dropped here: it becomes a row with ``status``
+``decode_batch(batch, spec)`` is a pure Ray Data batch function: it reads each object (pinned to
+the listed ``etag`` where the batch has one), decodes it with the pinned reader, letterboxes it
+to every size the models need, and adds metadata columns. A file that cannot be used is never dropped here: it becomes a row with ``status``
 ``error`` (or ``skipped``), a stable ``error_code`` and a message. Screening writes those rows;
 training filters them out and logs their codes (`usable_decoded_rows`).
 """
@@ -24,7 +24,7 @@ from kneescreen.data.preprocess import blank_input, letterbox
 from kneescreen.errors import DecodeError, KneescreenError
 from kneescreen.fileio.privacy import patient_pseudo_id, pseudonymise
 from kneescreen.fileio.reader import RadiographMeta, ReaderConfig, read_dicom_header, read_radiograph
-from kneescreen.fileio.store import Store, join
+from kneescreen.fileio.store import ObjectChanged, Store, join
 from kneescreen.labels import age_band, normalise_label, t_score_to_class, to_float
 
 _logger = logging.getLogger(__name__)
@@ -34,10 +34,13 @@ RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "OT", "DR", "PX"}
 # Transient: the storage read failed (throttling, 5xx, reset, timeout) after the client's own
 # retries, or the decoder died for reasons outside the file (out of memory, a crashed native
 # library): the same bytes may well screen next time, so the object is not done and the next
-# incremental run retries it. Every other code (not_dicom, truncated, malformed, ..., and the
+# incremental run retries it. changed_during_read: the object was replaced between the listing
+# and the read (the read is pinned to the listed etag); the next listing has the new etag, a new
+# object version screened afresh, and the old version's row is retried (bounded) only if a later
+# listing still shows that etag. Every other code (not_dicom, truncated, malformed, ..., and the
 # skip codes not_knee / not_radiograph) describes the bytes: reading them again gives the same
 # answer, so the object is done unless `--retry-errors` asks for errors to be tried again.
-TRANSIENT_ERROR_CODES = frozenset({"read_failed"})
+TRANSIENT_ERROR_CODES = frozenset({"read_failed", "changed_during_read"})
 SKIP_CODES = frozenset({"not_knee", "not_radiograph"})
 
 
@@ -111,12 +114,14 @@ MAX_HEADER_BYTES = 1024 * 1024
 
 
 class RangedRead:
-    """One object read front to back in ranges, counting the bytes that arrive. Every read after
-    the first names the first one's version, so the pieces come from one version of the object."""
+    """One object read front to back in ranges, counting the bytes that arrive. Every read names
+    a version: ``etag`` (the listing's) from the first read on, else the first read's, so the
+    pieces come from one version of the object, the listed one where there is a listing
+    (`ObjectChanged` otherwise)."""
 
-    def __init__(self, store: Store, uri: str):
+    def __init__(self, store: Store, uri: str, etag: str | None = None):
         self.store, self.uri = store, uri
-        self.data, self.size, self.etag, self.bytes_read = b"", None, None, 0
+        self.data, self.size, self.etag, self.bytes_read = b"", None, etag or None, 0
 
     @property
     def complete(self) -> bool:
@@ -180,12 +185,13 @@ def _fetch(spec: DecodeSpec, obj: RangedRead, cfg: ReaderConfig) -> RadiographMe
     return None
 
 
-def read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig, read=read_radiograph):
-    """(status, error_code, message, meta, result, bytes_read) for one object; never raises.
+def read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig, etag: str | None = None, read=read_radiograph):
+    """(status, error_code, message, meta, result, bytes_read) for one object, every read pinned to
+    ``etag`` (the listing's) when given; never raises.
 
     ``read`` turns the bytes into ``result``: `read_radiograph` (a `Radiograph`) or, for the
     device path, `kneescreen.fileio.reader.read_stored` (a `StoredFrame`)."""
-    obj = RangedRead(spec.store, uri)
+    obj = RangedRead(spec.store, uri, etag)
     try:
         if spec.header_triage:
             meta = _fetch(spec, obj, cfg)
@@ -193,8 +199,11 @@ def read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig, read=read_radiograph
                 return ("skipped", *_skip_reason(spec, meta), meta, None, obj.bytes_read)
             data = obj.data
         else:
-            data = spec.store.read_bytes(uri)
+            data = spec.store.read_bytes(uri, if_match=etag or None)
             obj.bytes_read = len(data)
+    except ObjectChanged as exc:  # replaced since the listing: the next listing has the new etag
+        return ("error", "changed_during_read", f"storage: the object changed between listing and read; the next "
+                f"run re-lists it: {exc}"[:300], None, None, obj.bytes_read)
     except FileNotFoundError as exc:  # listed, then deleted before this read: permanent for that etag
         return "error", "vanished", f"storage: deleted after the listing: {exc}"[:300], None, None, obj.bytes_read
     except PermissionError as exc:  # S3 403 / unreadable file: permanent until access is granted
@@ -266,11 +275,13 @@ def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
     cfg = ReaderConfig(max_pixels=spec.max_pixels, hash_pixels=False)
     keys = list(batch["key"])
     uris = [join(spec.root, k) for k in keys] if spec.root is not None else list(batch["uri"])
+    # The listing's etags pin every read to the listed version (rows without one read unpinned).
+    etags = list(batch["etag"]) if "etag" in batch else [None] * len(keys)
     cols: dict[str, list] = {k: [] for k in META_COLUMNS}
     images: dict[str, list] = {f"img_{s}": [] for s in spec.sizes} | {v: [] for v in spec.views}
-    for key, uri in zip(keys, uris):
+    for key, uri, etag in zip(keys, uris, etags):
         t0 = time.perf_counter()
-        status, code, msg, meta, rg, nbytes = read_one(spec, uri, cfg)
+        status, code, msg, meta, rg, nbytes = read_one(spec, uri, cfg, etag)
         image = rg.image if rg is not None else None
         views = {}
         if status == "ok" and spec.views:

@@ -24,10 +24,10 @@ from kneescreen.fileio.reader import ReaderConfig, read_stored
 from kneescreen.fileio.store import join
 
 
-def _row(spec: DecodeSpec, key: str, uri: str, cfg: ReaderConfig) -> tuple[dict, object]:
-    """One object -> (metadata row, `StoredFrame` or None)."""
+def _row(spec: DecodeSpec, key: str, uri: str, cfg: ReaderConfig, etag: str | None) -> tuple[dict, object]:
+    """One object -> (metadata row, `StoredFrame` or None); reads pinned to ``etag`` when given."""
     t0 = time.perf_counter()
-    status, code, msg, meta, sf, nbytes = read_one(spec, uri, cfg, read=read_stored)
+    status, code, msg, meta, sf, nbytes = read_one(spec, uri, cfg, etag, read=read_stored)
     if status == "skipped" and sf is not None and not sf.facts.checked:
         # The CPU path decides plausibility before the skip policy for objects read whole.
         try:
@@ -61,12 +61,14 @@ def decode_stored_batch(batch: dict, spec: DecodeSpec, block_bytes: int = RAW_BL
     cfg = ReaderConfig(max_pixels=spec.max_pixels, hash_pixels=False)
     keys = list(batch["key"])
     uris = [join(spec.root, k) for k in keys] if spec.root is not None else list(batch["uri"])
+    # The listing's etags pin every read to the listed version, as in `decode.decode_batch`.
+    etags = list(batch["etag"]) if "etag" in batch else [None] * len(keys)
     rows: list[int] = []
     cols: dict[str, list] = {k: [] for k in META_COLUMNS}
     frames: list = []
     held = 0
-    for i, (key, uri) in enumerate(zip(keys, uris)):
-        row, sf = _row(spec, key, uri, cfg)
+    for i, (key, uri, etag) in enumerate(zip(keys, uris, etags)):
+        row, sf = _row(spec, key, uri, cfg, etag)
         size = frame_nbytes(sf.pixels if sf is not None else None)
         if rows and held + size > block_bytes:
             yield _emit(batch, rows, cols, frames)

@@ -1,5 +1,12 @@
 """The local-folder backend of `kneescreen.fileio.store.Store`: files, atomic writes, listings in key
-order with an etag built from size and mtime. The method contracts are `Store`'s."""
+order with an etag built from size and mtime. The method contracts are `Store`'s.
+
+The tag is the local stand-in for an ETag: a read pinned to a listed tag (``if_match``) checks it
+on the open file before and after reading, so a file replaced or rewritten since the listing
+raises `ObjectChanged`. It is weaker than an ETag: a rewrite to the same size within one tick of
+the kernel's file-time clock (a few milliseconds on Linux ext4/xfs; 2 s on FAT) keeps the tag
+and is not noticed.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from typing import TYPE_CHECKING
 
 
 from kneescreen.errors import KneescreenError
-from kneescreen.fileio.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches
+from kneescreen.fileio.objects import ByteRange, ListPage, ObjectChanged, ObjectInfo, key_matches
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -72,17 +79,25 @@ class LocalBackend:
     def make_parent(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
 
-    def read_bytes(self, uri: str) -> bytes:
-        return pathlib.Path(uri).read_bytes()
-
-    def read_range(self, uri: str, start: int, length: int, if_match: str | None) -> ByteRange:
+    def _read(self, uri: str, start: int, length: int | None, if_match: str | None) -> ByteRange:
+        """The one read of whole files and ranges: the open file's tag is checked against
+        ``if_match`` before the read and again after it (a rewrite in place during the read)."""
         with open(uri, "rb") as f:
             st = os.fstat(f.fileno())
-            if if_match is not None and _local_tag(st) != if_match:
-                raise ObjectChanged(f"{uri} changed while it was being read")
+            tag = _local_tag(st)
+            if if_match is not None and tag != if_match:
+                raise ObjectChanged(f"{uri} is no longer version {if_match} (now {tag})")
             f.seek(start)
-            data = f.read(length)
-        return ByteRange(data, start, st.st_size, _local_tag(st))
+            data = f.read() if length is None else f.read(length)
+            if if_match is not None and _local_tag(os.fstat(f.fileno())) != tag:
+                raise ObjectChanged(f"{uri} changed while it was being read")
+        return ByteRange(data, start, st.st_size, tag)
+
+    def read_bytes(self, uri: str, if_match: str | None) -> bytes:
+        return self._read(uri, 0, None, if_match).data
+
+    def read_range(self, uri: str, start: int, length: int, if_match: str | None) -> ByteRange:
+        return self._read(uri, start, length, if_match)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         path = pathlib.Path(uri)
@@ -110,12 +125,11 @@ class LocalBackend:
                     continue
                 yield _info(path, key)
 
-    def list_pages(self, root: str, prefix: str, recursive: bool,
-                   page_size: int) -> Iterator[tuple[list[ObjectInfo], list[str]]]:
+    def list_pages(self, root: str, prefix: str, recursive: bool, page_size: int) -> Iterator[ListPage]:
         base = _root(root)
         if base.is_file():
             if not prefix or base.name.startswith(prefix):
-                yield [_info(base, base.name)], []
+                yield ListPage([_info(base, base.name)])
             return
         page: list[ObjectInfo] = []
         dirs: list[str] = []
@@ -126,10 +140,10 @@ class LocalBackend:
                 continue
             page.append(_info(path, key))
             if len(page) >= page_size:
-                yield page, []
+                yield ListPage(page)
                 page = []
         if page or dirs:
-            yield page, dirs
+            yield ListPage(page, dirs)
 
     def delete_prefix(self, uri: str) -> int:
         path = pathlib.Path(uri)

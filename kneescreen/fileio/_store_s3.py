@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 
-from kneescreen.fileio.objects import ByteRange, ObjectChanged, ObjectInfo, key_matches, split_s3
+from kneescreen.fileio.objects import ByteRange, ListPage, ObjectChanged, ObjectInfo, key_matches, split_s3
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -20,6 +20,17 @@ if TYPE_CHECKING:
 def _folder(prefix: str) -> str:
     """A key prefix as a folder: ``a/b`` -> ``a/b/``, "" stays "" (the whole bucket)."""
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _etag(value: str | None) -> str | None:
+    """An ETag as kneescreen keeps it: without the surrounding double quotes (and whitespace).
+
+    S3 quotes ETags in listings, headers and GET responses (``"9b2cf5..."``, multipart
+    ``"9b2c...-3"``); rows, digests and ``if_match`` arguments hold them bare. THE one place
+    quotes are handled: every ETag that enters (listing, response) or leaves (``If-Match``)
+    the S3 backend goes through here, so a quoted and a bare spelling of one version compare equal.
+    """
+    return None if value is None else value.strip().strip('"')
 
 
 def _raise_denied(exc, uri: str) -> None:
@@ -96,41 +107,60 @@ class S3Backend:
 
     # -- objects --------------------------------------------------------------------------------
 
-    def read_bytes(self, uri: str) -> bytes:
+    def _get(self, uri: str, if_match: str | None, byte_range: str | None = None) -> dict:
+        """The one ``GetObject`` of whole and ranged reads, pinned to ``if_match`` when given.
+
+        The request carries ``If-Match`` (S3 answers 412 when the object is another version),
+        and the response's ETag is compared too, for servers that ignore ``If-Match``. A response
+        without an ETag cannot be compared and is taken as it is.
+
+        Raises:
+            FileNotFoundError: no such object.
+            PermissionError: S3 403 (the message names the permission).
+            ObjectChanged: the object is not the ``if_match`` version.
+        """
         bucket, key = split_s3(uri)
+        expected = _etag(if_match) or None  # "" names no version
+        kwargs = {"IfMatch": f'"{expected}"'} if expected is not None else {}
+        if byte_range is not None:
+            kwargs["Range"] = byte_range
         client = self.client
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            resp = client.get_object(Bucket=bucket, Key=key, **kwargs)
         except client.exceptions.NoSuchKey as exc:
             raise FileNotFoundError(uri) from exc
         except client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise ObjectChanged(f"{uri} is no longer version {expected} (S3 412 PreconditionFailed)") from exc
             _raise_denied(exc, uri)
             raise
+        got = _etag(resp.get("ETag"))
+        if expected is not None and got is not None and got != expected:
+            resp["Body"].close()
+            raise ObjectChanged(f"{uri} is no longer version {expected}: the server sent {got} "
+                                "(it ignored If-Match)")
+        resp["ETag"] = got if got is not None else expected
+        return resp
+
+    def read_bytes(self, uri: str, if_match: str | None) -> bytes:
+        return self._get(uri, if_match)["Body"].read()
 
     def read_range(self, uri: str, start: int, length: int, if_match: str | None) -> ByteRange:
-        bucket, key = split_s3(uri)
-        kwargs = {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
-        client = self.client
         try:
-            resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}", **kwargs)
-        except client.exceptions.NoSuchKey as exc:
-            raise FileNotFoundError(uri) from exc
-        except client.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            if code in ("PreconditionFailed", "412"):
-                raise ObjectChanged(f"{uri} changed while it was being read") from exc
-            _raise_denied(exc, uri)
-            if code == "InvalidRange" and start == 0:
+            resp = self._get(uri, if_match, f"bytes={start}-{start + length - 1}")
+        except self.client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange" and start == 0:
                 # S3 refuses any range of an empty object: it has no bytes to give.
-                return ByteRange(b"", 0, 0, if_match or "")
+                return ByteRange(b"", 0, 0, _etag(if_match) or "")
             raise
         data = resp["Body"].read()
+        etag = resp["ETag"] or ""
         # "bytes 0-65535/2097152": the whole object's size; a server that ignores Range sends
         # the whole object with no Content-Range.
         total = resp.get("ContentRange", "").rpartition("/")[2]
         if not total.isdigit():
-            return ByteRange(data[start:start + length], start, len(data), resp["ETag"].strip('"'))
-        return ByteRange(data, start, int(total), resp["ETag"].strip('"'))
+            return ByteRange(data[start:start + length], start, len(data), etag)
+        return ByteRange(data, start, int(total), etag)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
@@ -151,21 +181,22 @@ class S3Backend:
 
     # -- listings -------------------------------------------------------------------------------
 
-    def list_pages(self, root: str, prefix: str, recursive: bool,
-                   page_size: int) -> Iterator[tuple[list[ObjectInfo], list[str]]]:
+    def list_pages(self, root: str, prefix: str, recursive: bool, page_size: int) -> Iterator[ListPage]:
         bucket, base = split_s3(root)
         base = _folder(base)
         for page in self._pages(bucket, base + prefix, delimiter=not recursive, page_size=page_size):
-            objs = [ObjectInfo(f"s3://{bucket}/{o['Key']}", o["Key"][len(base):], int(o["Size"]), o["ETag"].strip('"'))
-                    for o in page.get("Contents", ()) if not o["Key"].endswith("/")]
+            contents = page.get("Contents", ())
+            objs = [ObjectInfo(f"s3://{bucket}/{o['Key']}", o["Key"][len(base):], int(o["Size"]), _etag(o["ETag"]))
+                    for o in contents if not o["Key"].endswith("/")]
             dirs = [cp["Prefix"][len(base):] for cp in page.get("CommonPrefixes", ())]
-            if objs or dirs:
-                yield objs, dirs
+            markers = len(contents) - len(objs)
+            if objs or dirs or markers:
+                yield ListPage(objs, dirs, markers)
 
     def list_objects(self, root: str, include: tuple[str, ...], exclude: tuple[str, ...],
                      page_size: int) -> Iterator[ObjectInfo]:
-        for objs, _ in self.list_pages(root, "", True, page_size):
-            yield from (o for o in objs if key_matches(o.key, include, exclude))
+        for page in self.list_pages(root, "", True, page_size):
+            yield from (o for o in page.objects if key_matches(o.key, include, exclude))
 
     def delete_prefix(self, uri: str) -> int:
         bucket, prefix = split_s3(uri)

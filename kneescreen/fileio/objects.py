@@ -1,12 +1,12 @@
 """What a `kneescreen.fileio.store.Store` lists and reads, and the URI helpers every layer uses:
-`ObjectInfo`, `ByteRange`, `ObjectChanged`; `is_s3`, `split_s3`, `join`, `key_matches`.
+`ObjectInfo`, `ListPage`, `ByteRange`, `ObjectChanged`; `is_s3`, `split_s3`, `join`, `key_matches`.
 Re-exported by `kneescreen.fileio.store`, which is where callers import them from."""
 
 from __future__ import annotations
 
 import fnmatch
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from kneescreen.errors import KneescreenError
 
 
@@ -31,8 +31,27 @@ class ByteRange:
     etag: str
 
 
+@dataclass(frozen=True)
+class ListPage:
+    """One page of a listing (`Store.list_pages`).
+
+    Attributes:
+        objects: the objects on it (keys relative to the listed root).
+        dirs: sub-folders (non-recursive listings only), relative keys ending in "/".
+        markers: directory markers on it: S3 keys ending in "/" (zero-byte objects that consoles
+            and some tools create for "folders"). They are not objects and are left out of
+            ``objects``, but counted, so that a run can say what it skipped. Always 0 locally.
+    """
+
+    objects: list[ObjectInfo]
+    dirs: list[str] = field(default_factory=list)
+    markers: int = 0
+
+
 class ObjectChanged(OSError):
-    """The object changed between two ranged reads of it (``if_match`` no longer holds)."""
+    """The object is no longer the version the caller named (``if_match``): it was replaced
+    between the listing (or a first ranged read) and this read. Screening reports it as the
+    transient ``changed_during_read``; the next listing sees the new version."""
 
 
 def is_s3(uri: str) -> bool:

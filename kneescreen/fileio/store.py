@@ -32,12 +32,21 @@ from typing import TYPE_CHECKING, Protocol
 from kneescreen.errors import KneescreenError
 from kneescreen.fileio._store_local import LocalBackend
 from kneescreen.fileio._store_s3 import S3Backend
-from kneescreen.fileio.objects import ByteRange, ObjectChanged, ObjectInfo, is_s3, join, key_matches, split_s3
+from kneescreen.fileio.objects import (
+    ByteRange,
+    ListPage,
+    ObjectChanged,
+    ObjectInfo,
+    is_s3,
+    join,
+    key_matches,
+    split_s3,
+)
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
-__all__ = ["ByteRange", "ObjectChanged", "ObjectInfo", "Store", "is_s3", "join", "key_matches", "split_s3"]
+__all__ = ["ByteRange", "ListPage", "ObjectChanged", "ObjectInfo", "Store", "is_s3", "join", "key_matches", "split_s3"]
 
 
 class _Backend(Protocol):
@@ -45,7 +54,7 @@ class _Backend(Protocol):
 
     def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]: ...
     def make_parent(self, path: str) -> None: ...
-    def read_bytes(self, uri: str) -> bytes: ...
+    def read_bytes(self, uri: str, if_match: str | None) -> bytes: ...
     def read_range(self, uri: str, start: int, length: int, if_match: str | None) -> ByteRange: ...
     def write_bytes(self, uri: str, data: bytes) -> None: ...
     def exists(self, uri: str) -> bool: ...
@@ -54,8 +63,7 @@ class _Backend(Protocol):
     def list_dirs(self, uri: str) -> list[str]: ...
     def list_objects(self, root: str, include: tuple[str, ...], exclude: tuple[str, ...],
                      page_size: int) -> Iterator[ObjectInfo]: ...
-    def list_pages(self, root: str, prefix: str, recursive: bool,
-                   page_size: int) -> Iterator[tuple[list[ObjectInfo], list[str]]]: ...
+    def list_pages(self, root: str, prefix: str, recursive: bool, page_size: int) -> Iterator[ListPage]: ...
 
 
 class Store:
@@ -130,20 +138,33 @@ class Store:
 
     # -- objects --------------------------------------------------------------------------------
 
-    def read_bytes(self, uri: str) -> bytes:
-        """Whole object or file as bytes. Raises FileNotFoundError when it does not exist."""
+    def read_bytes(self, uri: str, if_match: str | None = None) -> bytes:
+        """Whole object or file as bytes.
+
+        ``if_match`` pins the read to one version: the etag a listing gave (`ObjectInfo.etag`,
+        quoted or not). On S3 the ``GetObject`` carries ``If-Match`` and the response's ETag is
+        compared as well (servers that ignore ``If-Match``); locally the open file's size+mtime
+        tag is compared before and after the read. Same code path as `read_range`.
+
+        Raises:
+            FileNotFoundError: no such object or file.
+            PermissionError: S3 403 (the message names the permission to grant).
+            ObjectChanged: ``if_match`` is given and the object is no longer that version.
+        """
         uri = str(uri)
-        return self._backend(uri).read_bytes(uri)
+        return self._backend(uri).read_bytes(uri, if_match)
 
     def read_range(self, uri: str, start: int, length: int, if_match: str | None = None) -> ByteRange:
         """Up to ``length`` bytes from offset ``start`` (fewer where the object ends first).
 
         One S3 ``GetObject`` with a ``Range`` header (same client, hence the same retries) or
-        one seek and read of a local file. Reading an object in pieces: pass the first piece's
-        ``etag`` as ``if_match`` so the pieces cannot come from two versions of it.
+        one seek and read of a local file. ``if_match`` as for `read_bytes`: the listed etag,
+        or, reading an object in pieces, the first piece's ``etag``, so the pieces cannot come
+        from two versions of it.
 
         Raises:
             FileNotFoundError: no such object or file.
+            PermissionError: S3 403.
             ObjectChanged: ``if_match`` is given and the object is no longer that version.
         """
         uri, start, length = str(uri), int(start), int(length)
@@ -183,16 +204,18 @@ class Store:
         yield from self._backend(root).list_objects(root, include, exclude, page_size)
 
     def list_pages(self, root: str, prefix: str = "", recursive: bool = True,
-                   page_size: int = 1000) -> Iterator[tuple[list[ObjectInfo], list[str]]]:
-        """Pages of one part of the listing below ``root``: (objects, sub-folders).
+                   page_size: int = 1000) -> Iterator[ListPage]:
+        """Pages of one part of the listing below ``root``: `ListPage` (objects, sub-folders,
+        directory markers skipped).
 
         The building block of a parallel listing (`screen.listing`): each call lists only the keys
         that start with ``prefix`` (relative to ``root``; a string prefix, not necessarily a
         folder). ``recursive=False`` lists one level (``prefix`` must be "" or end with "/"):
         the objects directly in it, and its sub-folders as keys relative to ``root`` ending in
         "/"; recursive listings report no sub-folders. Keys are relative to ``root`` as in
-        `list_objects` (hidden local files and S3 folder markers are left out); no include or
-        exclude filter is applied and pages are in no particular order across calls.
+        `list_objects` (hidden local files are left out; S3 directory markers, keys ending in
+        "/", are left out of ``objects`` and counted in ``markers``); no include or exclude
+        filter is applied and pages are in no particular order across calls.
 
         Raises:
             KneescreenError: a local ``root`` that does not exist.

@@ -52,7 +52,9 @@ def build_audit(cfg: LinkConfig, listed: dict, registry: dict, results: list[dic
         "rule": "nearest exam of the same patient within +-window_days (tie: the earlier; same day: the lower "
                 "T-score); class = WHO class of the exam's lowest site T-score",
         "counts": {"listed": listed["objects"], "linked": s["linked"], "skipped": skipped, "unlinked": unlinked,
-                   "accounted": listed["objects"] == s["linked"] + sum(skipped.values()) + sum(unlinked.values())},
+                   "accounted": listed["objects"] == s["linked"] + sum(skipped.values()) + sum(unlinked.values()),
+                   # S3 keys ending in "/" below the archive: not objects, so not listed or accounted
+                   "skipped_directory_markers": listed.get("markers", 0)},
         "classes": dict(sorted(s["classes"].items())),
         "deciding_sites": dict(sorted(s["sites"].items())),
         "gap_days": {"median": _quantile(s["gap_hist"], 0.5), "p90": _quantile(s["gap_hist"], 0.9)},
@@ -76,7 +78,9 @@ def format_audit(audit: dict, out: str) -> str:
     share = f" ({100 * b['read'] / b['listed']:.2f}% of {b['listed']:,})" if b["listed"] else ""
     lines = [
         f"link {audit['archive']} x {audit['registry']} (window +-{audit['window_days']} days) -> {out}",
-        f"  objects listed          {c['listed']:>9,}",
+        f"  objects listed          {c['listed']:>9,}"
+        + (f"   ({c['skipped_directory_markers']:,} directory marker(s) skipped: keys ending in /)"
+           if c.get("skipped_directory_markers") else ""),
         f"  skipped                 {sum(c['skipped'].values()):>9,}   {_by(c['skipped'])}",
         f"  linked                  {c['linked']:>9,}   {_by(audit['classes'])}",
         f"  unlinked                {sum(c['unlinked'].values()):>9,}   {_by(c['unlinked'])}",

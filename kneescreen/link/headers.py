@@ -13,6 +13,8 @@ Statuses and reasons:
               unreadable_header         DICOM whose header only the whole object could judge
               no_patient_id, no_date    the header lacks PatientID, or every date
               read_failed               the storage read failed (retried by the client first)
+              changed_during_read       the object was replaced between listing and read (reads
+                                        are pinned to the listed etag); the next link re-lists it
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow as pa
 from kneescreen.data.decode import RangedRead, read_header, skip_reason
 from kneescreen.fileio.privacy import patient_pseudo_id
 from kneescreen.fileio.reader import ReaderConfig
-from kneescreen.fileio.store import Store, join
+from kneescreen.fileio.store import ObjectChanged, Store, join
 from kneescreen.link.registry import parse_date
 
 FILM_SCHEMA = pa.schema([
@@ -62,10 +64,12 @@ def film_row(meta, policy: str, key: bytes) -> tuple[str, str | None, str | None
 
 
 def _one(spec: HeaderSpec, key: str, etag: str, cfg: ReaderConfig) -> dict:
-    obj = RangedRead(spec.store, join(spec.root, key))
+    obj = RangedRead(spec.store, join(spec.root, key), etag)  # pinned: the header of the listed version
     row = {"key": key, "etag": etag, "patient_pseudo_id": None, "study_date": None, "age": None, "sex": None}
     try:
         meta = read_header(obj, cfg)
+    except ObjectChanged:
+        return {**row, "status": "unlinked", "reason": "changed_during_read", "bytes_read": obj.bytes_read}
     except Exception:  # noqa: BLE001 - a failed read is a row, not a dead batch
         return {**row, "status": "unlinked", "reason": "read_failed", "bytes_read": obj.bytes_read}
     if meta is None:

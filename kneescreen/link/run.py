@@ -55,18 +55,24 @@ def partitions_of(pids: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarr
 
 
 def list_archive(store: Store, cfg: LinkConfig, scratch: str) -> tuple[dict, list[str]]:
-    """List the archive into scratch chunks: ({objects, bytes}, chunk URIs)."""
+    """List the archive into scratch chunks: ({objects, bytes, markers}, chunk URIs); markers are
+    the directory markers skipped (S3 keys ending in "/")."""
     writer = diff.PartitionWriter(store, join(scratch, "listing"), 1)
-    n = size = 0
+    n = size = markers = 0
     for page in listing.iter_pages(store, cfg.archive, cfg.include, cfg.exclude, fanout_depth=cfg.list_fanout_depth,
                                    workers=cfg.list_workers):
-        table = pa.table({"key": [o.key for o in page], "etag": [o.etag for o in page],
-                          "size": pa.array([o.size for o in page], pa.int64())}, schema=diff.LISTING_SCHEMA)
-        writer.add(table, np.zeros(len(page), dtype=np.int64))
-        n += len(page)
-        size += sum(o.size for o in page)
+        markers += page.markers
+        if not page.objects:
+            continue
+        objs = page.objects
+        table = pa.table({"key": [o.key for o in objs], "etag": [o.etag for o in objs],
+                          "size": pa.array([o.size for o in objs], pa.int64())}, schema=diff.LISTING_SCHEMA)
+        writer.add(table, np.zeros(len(objs), dtype=np.int64))
+        n += len(objs)
+        size += sum(o.size for o in objs)
     writer.flush()
-    return {"objects": n, "bytes": size}, [diff.part_uri(writer.folder, 0, i) for i in range(writer.files[0])]
+    return ({"objects": n, "bytes": size, "markers": markers},
+            [diff.part_uri(writer.folder, 0, i) for i in range(writer.files[0])])
 
 
 def archive_films(store: Store, cfg: LinkConfig, scratch: str, key: bytes):

@@ -112,7 +112,7 @@ def _image_oof(members: list[MemberManifest], logits: list[np.ndarray], y: np.nd
 def fit_ensemble(members: list[MemberManifest], oof_logits: list[np.ndarray], y: np.ndarray, folds: np.ndarray,
                  covariates: CovariateFit | None, fusion: str = "soft", target_sensitivity: float = 0.9,
                  confidence: float = 0.9, targets: Targets = Targets(), t_scores=None, ages=None,
-                 sexes=None) -> BundleManifest:
+                 sexes=None, with_oof: bool = False):
     """Calibrate, fuse, select the deployed predictor and set thresholds, all out of fold.
 
     Args:
@@ -125,7 +125,8 @@ def fit_ensemble(members: list[MemberManifest], oof_logits: list[np.ndarray], y:
             in `FUSION_METHODS` is a candidate.
 
     Returns:
-        The manifest (no files or version yet), ready for `save_bundle`.
+        The manifest (no files or version yet), ready for `save_bundle`; with ``with_oof``,
+        (manifest, the deployed predictor's pooled out-of-fold probabilities).
     """
     rules = [fusion] + [r for r in FUSION_METHODS if r != fusion] if len(members) > 1 else [fusion]
     calibrated, member_probs, by_rule = _image_oof(members, oof_logits, y, rules)
@@ -153,7 +154,7 @@ def fit_ensemble(members: list[MemberManifest], oof_logits: list[np.ndarray], y:
     t_score = t_score_manifest(none if t_scores is None else t_scores, none if ages is None else ages,
                                none if sexes is None else sexes, folds,
                                by_rule[rule][1][0], covariates, targets)
-    return BundleManifest(
+    manifest = BundleManifest(
         members=tuple(calibrated), fusion=FusionManifest(rule, by_rule[rule][0]),
         thresholds=Thresholds(threshold_for(final_probs[:, 1] + final_probs[:, 2], y >= 1, target_sensitivity),
                               threshold_for(final_probs[:, 2], y == len(CLASSES) - 1, target_sensitivity)),
@@ -163,3 +164,4 @@ def fit_ensemble(members: list[MemberManifest], oof_logits: list[np.ndarray], y:
         predictor_thresholds={name: threshold_for(p[:, 1] + p[:, 2], y >= 1, target_sensitivity).threshold
                               for name, p in per.items()},
     )
+    return (manifest, final_probs) if with_oof else manifest

@@ -42,7 +42,10 @@ class MemberManifest:
 
     @property
     def name(self) -> str:
-        return f"{self.architecture}-{self.input_mode}" + ("" if self.view == "img" else f"-{self.view}")
+        # "-frozen" keeps a frozen member apart from the same network fine-tuned (train.recipe's
+        # frozen+finetuned set holds both) in histories, evaluation rows and file names.
+        return (f"{self.architecture}-{self.input_mode}" + ("" if self.view == "img" else f"-{self.view}")
+                + ("-frozen" if self.training == "frozen" else ""))
 
     @property
     def input_key(self) -> str:

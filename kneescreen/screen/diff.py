@@ -134,22 +134,27 @@ def write_done_side(store: Store, uris: list[str], retry_errors: bool, writer: P
     return n
 
 
-def write_listing_side(store: Store, cfg: ScreenConfig, writer: PartitionWriter) -> listing.Fingerprint:
+def write_listing_side(store: Store, cfg: ScreenConfig, writer: PartitionWriter) -> tuple[listing.Fingerprint, int]:
     """The archive listing -> (key, etag, size, digest) rows by partition; returns the fingerprint
-    (whose ``count`` is the objects listed)."""
+    (whose ``count`` is the objects listed) and the directory markers skipped (S3 keys ending in "/")."""
     fp = listing.Fingerprint()
+    markers = 0
     pages = listing.iter_pages(store, cfg.input, cfg.include, cfg.exclude, fanout_depth=cfg.list_fanout_depth,
                                prefixes=cfg.list_prefixes, workers=cfg.list_workers)
     for page in pages:
-        keys = [o.key for o in page]
-        etags = [o.etag for o in page]
+        markers += page.markers
+        if not page.objects:
+            continue
+        keys = [o.key for o in page.objects]
+        etags = [o.etag for o in page.objects]
         digests = [ledger.object_digest(k, e) for k, e in zip(keys, etags)]
         fp.add(digests)
         table = pa.table({"key": pa.array(keys, pa.string()), "etag": pa.array(etags, pa.string()),
-                          "size": pa.array([o.size for o in page], pa.int64()), "digest": pa.array(digests, DIGEST)})
+                          "size": pa.array([o.size for o in page.objects], pa.int64()),
+                          "digest": pa.array(digests, DIGEST)})
         writer.add(table, digest_partition(digests, writer.partitions))
     writer.flush()
-    return fp
+    return fp, markers
 
 
 def _digests(column) -> np.ndarray:
@@ -253,8 +258,8 @@ def diff_listing(store: Store, cfg: ScreenConfig, run_id: str, runs: list[dict],
         use_ray: anti-joins as Ray tasks; None: when there is more than one partition.
 
     Returns:
-        counts (listed, already_done, to_screen, retried), the listing fingerprint, partitions,
-        the scratch prefix and the URIs of the chunks to screen.
+        counts (listed, already_done, to_screen, retried, skipped_directory_markers), the listing
+        fingerprint, partitions, the scratch prefix and the URIs of the chunks to screen.
     """
     scratch = join(cfg.output, "_scratch", f"run_id={run_id}")
     done_uris = ledger.prediction_uris(cfg.output, runs, model_version) if cfg.mode == "incremental" else []
@@ -262,7 +267,7 @@ def diff_listing(store: Store, cfg: ScreenConfig, run_id: str, runs: list[dict],
     done_w = PartitionWriter(store, join(scratch, "done"), parts)
     write_done_side(store, done_uris, cfg.retry_errors, done_w)
     list_w = PartitionWriter(store, join(scratch, "listing"), parts)
-    fp = write_listing_side(store, cfg, list_w)
+    fp, markers = write_listing_side(store, cfg, list_w)
     counts = {"listed": fp.count, "already_done": 0, "to_screen": 0, "retried": 0}
     chunk_uris, jobs = [], []
     for p in range(parts):
@@ -276,8 +281,8 @@ def diff_listing(store: Store, cfg: ScreenConfig, run_id: str, runs: list[dict],
     for result in _run_partitions(store, scratch, jobs, parts > 1 if use_ray is None else use_ray):
         chunk_uris += result.pop("chunks")
         counts = {k: counts[k] + result.get(k, 0) for k in counts}
-    return {**counts, "fingerprint": fp.hexdigest(), "partitions": parts, "scratch": scratch,
-            "chunk_uris": chunk_uris}
+    return {**counts, "skipped_directory_markers": markers, "fingerprint": fp.hexdigest(), "partitions": parts,
+            "scratch": scratch, "chunk_uris": chunk_uris}
 
 
 def read_listing_chunks(batch, store: Store) -> pa.Table:

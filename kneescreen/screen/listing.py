@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kneescreen.fileio.store import ObjectInfo, Store, key_matches
+from kneescreen.fileio.store import ListPage, Store, key_matches
 
 PAGE_SIZE = 1000  # keys per S3 list request (the most S3 returns)
 FINGERPRINT_FORMAT = "kneescreen-listing/2"
@@ -61,8 +61,12 @@ class _Unit:
 
 def iter_pages(store: Store, root: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                fanout_depth: int = 0, prefixes: tuple[str, ...] = (), workers: int = 1,
-               page_size: int = PAGE_SIZE) -> Iterator[list[ObjectInfo]]:
+               page_size: int = PAGE_SIZE) -> Iterator[ListPage]:
     """Every object below ``root`` that passes include/exclude, once, in pages of no fixed order.
+
+    Each `ListPage` holds objects and the directory markers (S3 keys ending in "/", not
+    objects) skipped on its listing page, counted whatever include/exclude say; ``dirs`` is
+    empty. A page may hold markers and no objects.
 
     Args:
         store: the store to list with.
@@ -80,15 +84,19 @@ def iter_pages(store: Store, root: str, include: tuple[str, ...] = (), exclude: 
     """
     units = [_Unit(p, 0) for p in prefixes] or [_Unit("", fanout_depth)]
     if workers == 1 and units == [_Unit("", 0)]:  # the sequential listing: no thread, no queue
-        for objs, _ in store.list_pages(root, "", recursive=True, page_size=page_size):
-            objs = [o for o in objs if key_matches(o.key, include, exclude)]
-            if objs:
-                yield objs
+        for page in store.list_pages(root, "", recursive=True, page_size=page_size):
+            page = _filtered(page, include, exclude)
+            if page.objects or page.markers:
+                yield page
         return
     yield from _parallel_pages(store, root, include, exclude, units, workers, page_size)
 
 
-def _parallel_pages(store, root, include, exclude, units, workers, page_size) -> Iterator[list[ObjectInfo]]:
+def _filtered(page: ListPage, include: tuple[str, ...], exclude: tuple[str, ...]) -> ListPage:
+    return ListPage([o for o in page.objects if key_matches(o.key, include, exclude)], [], page.markers)
+
+
+def _parallel_pages(store, root, include, exclude, units, workers, page_size) -> Iterator[ListPage]:
     # The queue bounds what the threads hold ahead of the consumer: 2 pages per thread.
     out: queue.Queue = queue.Queue(maxsize=2 * workers)
     stop = threading.Event()
@@ -104,11 +112,11 @@ def _parallel_pages(store, root, include, exclude, units, workers, page_size) ->
     def work(unit: _Unit) -> None:
         try:
             children = []
-            for objs, dirs in store.list_pages(root, unit.prefix, recursive=unit.depth == 0, page_size=page_size):
-                objs = [o for o in objs if key_matches(o.key, include, exclude)]
-                if objs:
-                    put(("page", objs))
-                children += [_Unit(d, unit.depth - 1) for d in dirs]
+            for page in store.list_pages(root, unit.prefix, recursive=unit.depth == 0, page_size=page_size):
+                children += [_Unit(d, unit.depth - 1) for d in page.dirs]
+                page = _filtered(page, include, exclude)
+                if page.objects or page.markers:
+                    put(("page", page))
             put(("done", children))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
             put(("error", exc))

@@ -120,14 +120,25 @@ def prediction_files(store: Store, prediction_uris: list[str]) -> list[str]:
     return [obj.uri for uri in prediction_uris for obj in store.list_objects(uri, include=("*.parquet",))]
 
 
+def shuffle_partitions(n_files: int) -> int:
+    """Hash partitions for the two groupbys: one per predictions file, between 2 and 200.
+
+    Ray Data's default (`DataContext.default_hash_shuffle_parallelism`, 200) starts 200 reduce
+    tasks even for a 40-row run, which cost ~5 s per screen on a 2-core machine; the predictions
+    files already bound the data's size (each holds at most one write block).
+    """
+    return max(2, min(200, n_files))
+
+
 def build_patients(store: Store, files: list[str], run_id: str, model_version: str) -> ray.data.Dataset:
     """The lazy Ray Data plan from predictions files to `schema.PATIENTS` rows."""
+    parts = shuffle_partitions(len(files))
     return (
         ray.data.from_items([{"file": f} for f in files])
         .map_batches(read_state_file, batch_size=1, batch_format="pyarrow", fn_kwargs={"store": store})
-        .groupby("key").map_groups(latest_ok, batch_format="pyarrow")
-        .groupby("patient_group").map_groups(aggregate_patient, batch_format="pyarrow",
-                                             fn_kwargs={"run_id": run_id, "model_version": model_version})
+        .groupby("key", num_partitions=parts).map_groups(latest_ok, batch_format="pyarrow")
+        .groupby("patient_group", num_partitions=parts).map_groups(
+            aggregate_patient, batch_format="pyarrow", fn_kwargs={"run_id": run_id, "model_version": model_version})
     )
 
 

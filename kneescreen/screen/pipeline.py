@@ -171,9 +171,11 @@ def _run_manifest(cfg: ScreenConfig, run_id: str, version: str, key: bytes, list
         "pseudonym_key_id": hashlib.sha256(b"kneescreen-key-id:" + key).hexdigest()[:12],
         # retried: objects screened again because an earlier committed run of this model version
         # left them as errors (transient ones, or any with --retry-errors); exhausted: this run's
-        # retries_exhausted rows (a transient error past --max-retries, now permanent).
+        # retries_exhausted rows (a transient error past --max-retries, now permanent);
+        # skipped_directory_markers: S3 keys ending in "/" below the input (not objects, not listed).
         "counts": {"listed": listing["listed"], "already_screened": listing["already_done"], "screened": written,
                    "retried": listing.get("retried", 0),
+                   "skipped_directory_markers": listing.get("skipped_directory_markers", 0),
                    "exhausted": int(counts.error_codes.get("retries_exhausted", 0)), **counts.status_counts(),
                    "patients": patients["rows"] if patients else 0},
         "timing_s": {k: round(v, 3) for k, v in timing.items()},

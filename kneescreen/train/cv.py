@@ -25,6 +25,7 @@ from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import TrainingData, load_training_data
 from kneescreen.train.evaluate import image_value, predictor_outputs, with_logits
 from kneescreen.train.oof import FeatureCache
+from kneescreen.train.recipe import input_keys
 from kneescreen.train.referral_eval import referral_rows, referral_summary
 from kneescreen.train.run import check_cluster, fit_bundle
 
@@ -103,7 +104,7 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
     run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
     k = 1 + max(r["fold"] for r in rows)
-    data = load_training_data(rows, sorted({m.input_key for m in cfg.member_specs()}), store)
+    data = load_training_data(rows, input_keys(cfg), store)
     oof: dict = {}
     cache = FeatureCache(data)  # frozen features once per image, shared by every outer fold
     labels, ages, sexes, tscores, deployed = [], [], [], [], []

@@ -77,12 +77,14 @@ def _validate(model, shard, config: dict, device) -> float:
     """Macro-F1 of this worker's model on the full validation set."""
     model.eval()
     img_key = config["input_key"]
+    use_gpu = device.type == "cuda"
     ys, preds = [], []
     for batch in shard.iter_torch_batches(batch_size=64, dtypes=None, device="cpu"):
         x = batch[img_key].to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            preds.append(instance_logits(model, x, config["input_mode"], config["mean"], config["std"])
-                         .float().argmax(1).cpu().numpy())
+        # Same as training: bf16 autocast and channels-last inputs (the model is channels-last).
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_gpu):
+            preds.append(instance_logits(model, x, config["input_mode"], config["mean"], config["std"],
+                                         channels_last=use_gpu).float().argmax(1).cpu().numpy())
         ys.append(batch["label"].numpy())
     return macro_f1(np.concatenate(ys), np.concatenate(preds), len(CLASSES))
 

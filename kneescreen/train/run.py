@@ -2,12 +2,15 @@
 
     split.csv --decode (Ray Data tasks, shared decoder)--> uint8 inputs per input key, in the object
       store (train.data.TrainingData; the driver keeps keys, labels, folds, ages)
-      -> every non-test image, patient-level folds (train.oof):
+      -> the member sets (train.recipe: --members, or the frozen default plus fine-tuned
+         candidates from --finetune-min-films development films on); each member once, on
+         every non-test image, patient-level folds (train.oof):
            frozen members: features once, shrinkage head per fold; fine-tuned members: one
            TorchTrainer run per fold; the age/sex model per fold
       -> pooled out-of-fold predictions (model.ensemble, model.selection): temperatures, fusion
          weights, cross-fitted fused model, the deployed predictor (never worse than age + sex
-         by the manifest's rule), thresholds
+         by the manifest's rule), thresholds; per member set, the set chosen by the same rule
+         (model.member_sets)
       -> final members (frozen heads on all non-test images; fine-tuned on train with the
          validation split for early stopping) -> bundle -> held-out test evaluation
 """
@@ -30,10 +33,12 @@ from kneescreen.fileio.store import Store, join
 from kneescreen.model.bundle import save_bundle
 from kneescreen.model.ensemble import CovariateFit, Targets, fit_ensemble, member_manifest
 from kneescreen.model.manifest import BundleManifest
+from kneescreen.model.member_sets import choose_member_set
 from kneescreen.train.config import TrainConfig
 from kneescreen.train.data import TrainingData, load_training_data
 from kneescreen.train.evaluate import evaluate_bundle
 from kneescreen.train.oof import FeatureCache, covariate_out_of_fold, member_out_of_fold
+from kneescreen.train.recipe import input_keys, plan
 
 _logger = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ def _load_split_data(cfg: TrainConfig, store: Store) -> tuple[str, TrainingData]
     if not store.exists(join(split_dir, "split.csv")):
         run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
     rows = load_split(split_dir, store)
-    inputs = sorted({m.input_key for m in cfg.member_specs()})
+    inputs = input_keys(cfg)
     return training_fingerprint(rows), load_training_data(rows, inputs, store)
 
 
@@ -71,6 +76,11 @@ def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store
                cache: FeatureCache | None = None) -> tuple[BundleManifest, list, dict]:
     """Members, out-of-fold selection and the manifest from the ``dev_mask`` rows of ``data``.
 
+    The member sets come from the recipe (`train.recipe.plan`: ``--members``, or the frozen
+    default plus fine-tuned candidates from ``--finetune-min-films`` development films on);
+    `model.member_sets` chooses among them out of fold and records why in
+    ``selection["member_sets"]``.
+
     Used by `run_train` (every non-test image) and by cross-validation (all but the outer fold;
     ``cache`` holds frozen features of all of ``data``, computed once for every outer fold).
 
@@ -82,23 +92,27 @@ def fit_bundle(data: TrainingData, dev_mask: np.ndarray, cfg: TrainConfig, store
     # Fine-tuned members' deployable run: early stopping on one inner fold, training on the rest.
     last = folds.max()
     final = (dev.where(folds != last), dev.where(folds == last))
-    logits, states, notes, members = [], [], {}, []
-    for spec in cfg.member_specs():
-        lg, state, note = member_out_of_fold(spec, dev, folds, cfg, store, final, cache)
-        logits.append(lg)
-        states.append(state)
-        notes[spec.name] = note
-        members.append(member_manifest(spec.architecture, spec.input_mode, spec.size(), spec.weights, spec.head,
-                                       spec.view))
+    recipe = plan(cfg, len(folds))
+    _logger.info("member sets %s: %s", ", ".join(recipe.sets), recipe.reason)
+    # Every member once (out of fold, then its deployable run), whichever sets hold it.
+    trained = {spec: member_out_of_fold(spec, dev, folds, cfg, store, final, cache) for spec in recipe.members}
     cov = covariate_out_of_fold(dev, folds)
     cov_fit = CovariateFit(cov[2], cov[3], cov[4], cov[0], cov[1]) if cov else None
     targets = Targets(npv=cfg.rule_out_npv, ppv=cfg.rule_in_ppv, t_score_coverage=cfg.t_score_coverage)
-    manifest = fit_ensemble(members, logits, dev["label"], folds, cov_fit, cfg.fusion, cfg.target_sensitivity,
-                            cfg.selection_confidence, targets, dev["t_score"], dev["age"], dev["sex"])
-    _logger.info("deployed predictor: %s (out-of-fold balanced accuracy %.2f over %d images)",
-                 manifest.selection["deployed"],
+    fitted = {name: fit_ensemble([member_manifest(s.architecture, s.input_mode, s.size(), s.weights, s.head, s.view)
+                                  for s in specs], [trained[s][0] for s in specs], dev["label"], folds, cov_fit,
+                                 cfg.fusion, cfg.target_sensitivity, cfg.selection_confidence, targets,
+                                 dev["t_score"], dev["age"], dev["sex"], with_oof=True)
+              for name, specs in recipe.sets.items()}
+    chosen, record = choose_member_set(fitted, dev["label"], cfg.selection_confidence)
+    manifest = fitted[chosen][0]
+    manifest = dataclasses.replace(manifest, selection={**manifest.selection, "member_sets": {
+        **record, "reason": recipe.reason, "n_development_films": int(len(folds))}})
+    _logger.info("member set %s; deployed predictor: %s (out-of-fold balanced accuracy %.2f over %d images)",
+                 chosen, manifest.selection["deployed"],
                  manifest.selection["candidates"][manifest.selection["deployed"]]["balanced_accuracy"], len(folds))
-    return manifest, states, notes
+    # Notes of every member trained, chosen or not: a fine-tuned candidate's history is its cost.
+    return manifest, [trained[s][1] for s in recipe.sets[chosen]], {s.name: trained[s][2] for s in recipe.members}
 
 
 def _scalars(d: dict) -> dict:
