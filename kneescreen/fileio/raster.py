@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kneescreen.errors import DecodeError
+from kneescreen.fileio.frames import FrameFacts, StoredFrame
 from kneescreen.fileio.plausibility import check_plausible
 from kneescreen.fileio.radiograph import Radiograph, RadiographMeta, ReaderConfig, maybe_hash, robust_window
 
@@ -22,8 +23,9 @@ def is_raster(data: bytes) -> bool:
     return data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC)
 
 
-def read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
-    """Decode a PNG or JPEG (8 or 16 bit, EXIF orientation applied) into a `Radiograph`."""
+def raster_stored(data: bytes, config: ReaderConfig) -> tuple[np.ndarray, RadiographMeta, list[str]]:
+    """(stored values, meta, notes) of a PNG or JPEG (8 or 16 bit, EXIF orientation applied;
+    colour becomes luminance): everything before the plausibility checks and the display scale."""
     fmt = "png" if data.startswith(PNG_MAGIC) else "jpeg"
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -57,12 +59,6 @@ def read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
         stored = np.asarray(im.convert("L"))
     if stored.ndim != 2:
         raise DecodeError("unsupported_photometric", f"unexpected {fmt} pixel layout {stored.shape}")
-    check_plausible(stored, config)
-    if stored.dtype == np.uint8:
-        image = (stored.astype(np.float32) / 255.0)
-    else:
-        # 16-bit exports rarely use the full range (12-bit detectors): window like a viewer would.
-        image = robust_window(stored.astype(np.float32))
     meta = RadiographMeta(
         format=fmt,
         rows=int(stored.shape[0]),
@@ -70,4 +66,26 @@ def read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
         photometric="MONOCHROME2",
         bits_stored=8 if stored.dtype == np.uint8 else 16,
     )
+    return stored, meta, notes
+
+
+def read_raster(data: bytes, config: ReaderConfig) -> Radiograph:
+    """Decode a PNG or JPEG (8 or 16 bit, EXIF orientation applied) into a `Radiograph`."""
+    stored, meta, notes = raster_stored(data, config)
+    check_plausible(stored, config)
+    if stored.dtype == np.uint8:
+        image = (stored.astype(np.float32) / 255.0)
+    else:
+        # 16-bit exports rarely use the full range (12-bit detectors): window like a viewer would.
+        image = robust_window(stored.astype(np.float32))
     return Radiograph(image=image, pixel_hash=maybe_hash(stored, config), meta=meta, warnings=notes)
+
+
+def read_raster_stored(data: bytes, config: ReaderConfig) -> StoredFrame:
+    """A PNG or JPEG -> `StoredFrame` for the device path: 8-bit values divided by 255, others
+    through the percentile window, as `read_raster` does (plausibility left to the device)."""
+    stored, meta, notes = raster_stored(data, config)
+    facts = FrameFacts(rows=meta.rows, columns=meta.cols, bits_stored=meta.bits_stored or 16,
+                       signed=stored.dtype.kind == "i", photometric="MONOCHROME2",
+                       display_scale=255.0 if stored.dtype == np.uint8 else None)
+    return StoredFrame(stored, facts, meta, notes)

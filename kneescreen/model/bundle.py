@@ -152,13 +152,15 @@ class Bundle:
     @torch.inference_mode()
     def member_logits(self, batches: dict, batch_size: int = 32) -> list[np.ndarray]:
         """Each member's logits; ``batches`` maps input keys (`BundleManifest.input_keys`) to uint8
-        arrays, (n, s, s) or multi-instance (n, k, s, s) (instances mean-pooled)."""
+        arrays or tensors (already on the model's device with ``--preprocess device``), (n, s, s)
+        or multi-instance (n, k, s, s) (instances mean-pooled)."""
         out = []
         for spec, model in zip(self.manifest.members, self.models):
             arr = self._input(batches, spec)
             logits = []
             for i in range(0, len(arr), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size])).to(self.device)
+                x = arr[i : i + batch_size]
+                x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).to(self.device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                     logits.append(instance_logits(model, x, spec.input_mode, spec.mean, spec.std).float().cpu().numpy())
             out.append(np.concatenate(logits) if logits else np.zeros((0, len(CLASSES))))
