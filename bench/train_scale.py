@@ -10,7 +10,8 @@ Per size, once (kept under ``--work`` and reused): a synthetic archive (`kneescr
 would put them all in one group). Then, per size in a fresh process after a local Ray of
 ``--cpus`` logical CPUs is up, one `run_train` with `kneescreen train`'s defaults (the
 ``efficientnet_lite0:gray:frozen`` member with its packaged ImageNet weights, 5 out-of-fold folds,
-selection, bundle, test evaluation) except ``--image-size`` (default 64: the archive's side, not
+selection, bundle, test evaluation) except ``--finetune-min-films 0`` (the frozen recipe: fine-tuned
+candidates, offered from 10,000 development films on, are measured by bench/finetune_cost.py) and ``--image-size`` (default 64: the archive's side, not
 the member's native 224).
 
 Wall time by stage, timed by wrapping the functions `run_train` calls (not by log lines):
@@ -120,6 +121,9 @@ def measure(work: str, n: int, cpus: int, image_size: int, tag: str) -> dict:
     sampler.start()
     cfg = TrainConfig(data=root, out=os.path.join(work, f"bundle-{tag}-{n}"), split_dir=os.path.join(root, "split"),
                       image_size=image_size, storage_path=os.path.join(work, "runs"),
+                      # The frozen recipe: at 10,000+ development films the default recipe also
+                      # fine-tunes candidates (days on CPU); their cost is bench/finetune_cost.py's.
+                      finetune_min_films=0,
                       name=f"scale-{tag}-{n}-{int(time.time())}")
     load = os.getloadavg()
     t0 = time.perf_counter()
