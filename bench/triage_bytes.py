@@ -12,7 +12,7 @@ With --s3 the archive sits on a moto S3 server started in this process (127.0.0.
 through the same boto3 client code as on AWS; otherwise in a local folder.
 
 It also times, for the knee objects, the two ways to finish an object after its header:
-fetching only the rest (what `_read_one` does) or fetching the whole object again.
+fetching only the rest (what `read_one` does) or fetching the whole object again.
 """
 
 from __future__ import annotations

@@ -96,18 +96,58 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
     return float(ece)
 
 
-def _bootstrap(fn, n: int, seed: int, *arrays) -> tuple[float | None, float | None]:
+class ResampledAuc:
+    """`roc_auc` of bootstrap resamples of one (labels, scores) pair, without sorting each resample.
+
+    The scores are ranked once (ties share a code); a resample's Mann-Whitney statistic is then a
+    counting sort of its codes: positives times (negatives below + half the negatives tied). Both
+    this and `roc_auc`'s rank sum are exact in float64 (half-integers far below 2**52), so every
+    value equals ``roc_auc(y_bin[idx], score[idx])``.
+    """
+
+    def __init__(self, y_bin, score):
+        _, code = np.unique(np.asarray(score, float), return_inverse=True)
+        self.m = int(code.max()) + 1 if len(code) else 0
+        self.code = code.astype(np.int64) * 2 + np.asarray(y_bin, bool)  # (score code, positive)
+
+    def __call__(self, idx: np.ndarray) -> float | None:
+        counts = np.bincount(self.code[idx], minlength=2 * self.m).reshape(self.m, 2)
+        nc, pc = counts[:, 0], counts[:, 1]
+        n_pos = int(pc.sum())
+        n_neg = len(idx) - n_pos
+        if n_pos == 0 or n_neg == 0:
+            return None
+        u = (pc * ((np.cumsum(nc) - nc) + 0.5 * nc)).sum()
+        return float(u / (n_pos * n_neg))
+
+
+def _resampled_cm(y: np.ndarray, pred: np.ndarray, k: int):
+    """idx -> `confusion_matrix(y[idx], pred[idx], k)` (one bincount per resample)."""
+    code = np.asarray(y, np.int64) * k + np.asarray(pred, np.int64)
+    return lambda idx: np.bincount(code[idx], minlength=k * k).reshape(k, k)
+
+
+def _valid(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _bootstrap_many(fns: dict, n: int, seed: int, size: int) -> dict[str, tuple[float | None, float | None]]:
+    """Percentile 95% intervals of several statistics over the same ``n`` resamples.
+
+    ``fns``: name -> (idx -> value). The resamples are the ones a separate bootstrap per statistic
+    would draw (a fresh generator per statistic, seeded alike, draws the same indices), so sharing
+    them changes no number.
+    """
     rng = np.random.default_rng(seed)
-    size = len(arrays[0])
-    vals = []
+    vals: dict[str, list] = {name: [] for name in fns}
     for _ in range(n):
         idx = rng.integers(0, size, size)
-        v = fn(*(a[idx] for a in arrays))
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            vals.append(v)
-    if len(vals) < n * 0.5:
-        return None, None
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+        for name, fn in fns.items():
+            v = fn(idx)
+            if _valid(v):
+                vals[name].append(v)
+    return {name: (None, None) if len(v) < n * 0.5 else (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
+            for name, v in vals.items()}
 
 
 def classification_report(y_true, probs, classes: tuple[str, ...], pred=None, n_boot: int = 1000,
@@ -132,14 +172,18 @@ def classification_report(y_true, probs, classes: tuple[str, ...], pred=None, n_
     f1 = _f1s(cm)
     support = cm.sum(1)
     acc, acc_lo, acc_hi = wilson(int(np.trace(cm)), len(y))
-    bal_lo, bal_hi = _bootstrap(lambda a, b: balanced_accuracy_of(confusion_matrix(a, b, k)), n_boot, seed, y, pred)
-    mf1_lo, mf1_hi = _bootstrap(lambda a, b: float(_f1s(confusion_matrix(a, b, k)).mean()), n_boot, seed, y, pred)
+    resampled_cm = _resampled_cm(y, pred, k)
+    fns = {"bal": lambda idx: balanced_accuracy_of(resampled_cm(idx)),
+           "mf1": lambda idx: float(_f1s(resampled_cm(idx)).mean())}
+    fns.update({i: ResampledAuc(y == i, probs[:, i]) for i in range(k)})
+    ci = _bootstrap_many(fns, n_boot, seed, len(y))
     onehot = np.eye(k)[y]
     report = {
         "n": int(len(y)), "confusion_matrix": cm.tolist(), "classes": list(classes),
         "accuracy": acc, "accuracy_lo": acc_lo, "accuracy_hi": acc_hi,
-        "balanced_accuracy": balanced_accuracy_of(cm), "balanced_accuracy_lo": bal_lo, "balanced_accuracy_hi": bal_hi,
-        "macro_f1": float(f1.mean()), "macro_f1_lo": mf1_lo, "macro_f1_hi": mf1_hi,
+        "balanced_accuracy": balanced_accuracy_of(cm), "balanced_accuracy_lo": ci["bal"][0],
+        "balanced_accuracy_hi": ci["bal"][1],
+        "macro_f1": float(f1.mean()), "macro_f1_lo": ci["mf1"][0], "macro_f1_hi": ci["mf1"][1],
         "weighted_f1": float((f1 * support).sum() / max(support.sum(), 1)),
         "brier": float(((probs - onehot) ** 2).sum(1).mean()),
         "ece": expected_calibration_error(y, probs),
@@ -149,7 +193,7 @@ def classification_report(y_true, probs, classes: tuple[str, ...], pred=None, n_
         row = binary_counts(y == i, pred == i)
         row["support"] = int(support[i])
         row["auc"] = roc_auc(y == i, probs[:, i])
-        row["auc_lo"], row["auc_hi"] = _bootstrap(lambda a, s: roc_auc(a, s), n_boot, seed, y == i, probs[:, i])
+        row["auc_lo"], row["auc_hi"] = ci[i]
         report["per_class"][name] = row
     return report
 
@@ -160,6 +204,17 @@ def _paired_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
             "auc_osteoporosis": roc_auc(y == k - 1, p[:, k - 1]),
             "auc_low_bmd": roc_auc(y >= 1, p[:, 1:].sum(1)),
             "brier": float(((p - np.eye(k)[y]) ** 2).sum(1).mean())}
+
+
+def _resampled_paired_metrics(y: np.ndarray, p: np.ndarray):
+    """idx -> `_paired_metrics(y[idx], p[idx])`, the same values from per-row terms computed once
+    (argmax, the low-BMD score and the Brier terms are per-row, so resampling commutes with them)."""
+    k = p.shape[1]
+    cm = _resampled_cm(y, p.argmax(1), k)
+    op, low = ResampledAuc(y == k - 1, p[:, k - 1]), ResampledAuc(y >= 1, p[:, 1:].sum(1))
+    brier = ((p - np.eye(k)[y]) ** 2).sum(1)
+    return lambda idx: {"balanced_accuracy": balanced_accuracy_of(cm(idx)), "auc_osteoporosis": op(idx),
+                        "auc_low_bmd": low(idx), "brier": float(brier[idx].mean())}
 
 
 def paired_bootstrap(y_true, probs_a, probs_b, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
@@ -175,11 +230,12 @@ def paired_bootstrap(y_true, probs_a, probs_b, n_boot: int = 2000, seed: int = 0
     y = np.asarray(y_true, int)
     a, b = np.asarray(probs_a, float), np.asarray(probs_b, float)
     point_a, point_b = _paired_metrics(y, a), _paired_metrics(y, b)
+    on_a, on_b = _resampled_paired_metrics(y, a), _resampled_paired_metrics(y, b)
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {m: [] for m in point_a}
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
-        ma, mb = _paired_metrics(y[idx], a[idx]), _paired_metrics(y[idx], b[idx])
+        ma, mb = on_a(idx), on_b(idx)
         for m in draws:
             if ma[m] is not None and mb[m] is not None and not (math.isnan(ma[m]) or math.isnan(mb[m])):
                 draws[m].append(ma[m] - mb[m])

@@ -21,24 +21,44 @@ from kneescreen.model.manifest import BundleManifest, Threshold, Thresholds
 from kneescreen.model.registry import create_model, normalisation
 from kneescreen.train import data as train_data
 from kneescreen.train.config import TrainConfig
-from kneescreen.train.data import TrainingData, bundle_logits, load_training_data
+from kneescreen.train.data import TrainingData, bundle_logits, load_split_data, load_training_data
 from kneescreen.train.oof import member_out_of_fold
-from kneescreen.train.run import run_train
+from kneescreen.train.run import run_train, training_fingerprint
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 IMAGE_COLUMNS = ("img_", "roi_", "tiles_")
 
 
 @pytest.fixture(scope="module")
-def split_rows(ray_local, train_archive, tmp_path_factory) -> list[dict]:
+def split_dir(ray_local, train_archive, tmp_path_factory) -> str:
     split = str(tmp_path_factory.mktemp("split"))
     run_split(str(train_archive), split)
-    return load_split(split)
+    return split
+
+
+@pytest.fixture(scope="module")
+def split_rows(split_dir) -> list[dict]:
+    return load_split(split_dir)
 
 
 @pytest.fixture(scope="module")
 def decoded(split_rows) -> TrainingData:
     return load_training_data(split_rows, ["img_32", "img_48"], Store())
+
+
+def test_split_read_as_arrow_decodes_as_the_row_dicts_did(decoded, split_dir, split_rows):
+    """`load_split_data` (the split read in a Ray task, never as row dicts on the driver) gives the
+    same rows, metadata columns, blocks and fingerprint as decoding the parsed rows."""
+    data, info = load_split_data(split_dir, ["img_32", "img_48"], Store())
+    assert info == {"n": len(split_rows), "folds": 1 + max(r["fold"] for r in split_rows),
+                    "fingerprint": training_fingerprint(split_rows)}
+    assert data.meta.keys() == decoded.meta.keys() and data.n_rows == decoded.n_rows
+    for k, v in decoded.meta.items():
+        assert np.array_equal(data[k], v, equal_nan=k in ("age", "t_score")), k
+    assert data.base.num_blocks() == decoded.base.num_blocks()
+    assert np.array_equal(_driver_images(data, "img_48"), _driver_images(decoded, "img_48"))
+    test, info = load_split_data(split_dir, ["img_32"], Store(), splits=("test",))
+    assert set(test["split"]) == {"test"} and info["n"] == sum(r["split"] == "test" for r in split_rows)
 
 
 def _driver_images(data: TrainingData, key: str) -> np.ndarray:

@@ -185,9 +185,12 @@ def _fetch(spec: DecodeSpec, obj: RangedRead, cfg: ReaderConfig) -> RadiographMe
     return None
 
 
-def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig, etag: str | None = None):
-    """(status, error_code, message, meta, image, bytes_read) for one object, every read pinned to
-    ``etag`` (the listing's) when given; never raises."""
+def read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig, etag: str | None = None, read=read_radiograph):
+    """(status, error_code, message, meta, result, bytes_read) for one object, every read pinned to
+    ``etag`` (the listing's) when given; never raises.
+
+    ``read`` turns the bytes into ``result``: `read_radiograph` (a `Radiograph`) or, for the
+    device path, `kneescreen.fileio.reader.read_stored` (a `StoredFrame`)."""
     obj = RangedRead(spec.store, uri, etag)
     try:
         if spec.header_triage:
@@ -208,7 +211,7 @@ def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig, etag: str | None = 
     except Exception as exc:  # noqa: BLE001 - storage failures are rows, not a dead batch
         return "error", "read_failed", f"storage: {type(exc).__name__}: {exc}"[:300], None, None, obj.bytes_read
     try:
-        rg = read_radiograph(data, cfg)
+        rg = read(data, cfg)
     except DecodeError as exc:
         return "error", exc.error_code, exc.message, None, None, obj.bytes_read
     except Exception as exc:  # noqa: BLE001 - the reader raises only DecodeError for bad bytes, so
@@ -216,8 +219,8 @@ def _read_one(spec: DecodeSpec, uri: str, cfg: ReaderConfig, etag: str | None = 
         return "error", "read_failed", f"decoder crashed: {type(exc).__name__}: {exc}"[:300], None, None, obj.bytes_read
     skip = _skip_reason(spec, rg.meta)
     if skip is not None:
-        return "skipped", *skip, rg.meta, rg.image, obj.bytes_read
-    return "ok", None, None, rg.meta, rg.image, obj.bytes_read
+        return "skipped", *skip, rg.meta, rg, obj.bytes_read
+    return "ok", None, None, rg.meta, rg, obj.bytes_read
 
 
 def _reference(ref: dict | None) -> tuple[str | None, float | None]:
@@ -240,7 +243,7 @@ def study_date(value) -> _dt.date | None:
         return None
 
 
-def _describe(spec: DecodeSpec, key: str, meta: RadiographMeta | None) -> dict:
+def describe(spec: DecodeSpec, key: str, meta: RadiographMeta | None) -> dict:
     """Metadata columns for one row: DICOM headers win, the sidecar fills formats without them."""
     sop = meta.sop_uid if meta and meta.sop_uid else None
     side = spec.metadata.get(key) or (spec.metadata.get(sop) if sop else None) or {}
@@ -278,7 +281,8 @@ def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
     images: dict[str, list] = {f"img_{s}": [] for s in spec.sizes} | {v: [] for v in spec.views}
     for key, uri, etag in zip(keys, uris, etags):
         t0 = time.perf_counter()
-        status, code, msg, meta, image, nbytes = _read_one(spec, uri, cfg, etag)
+        status, code, msg, meta, rg, nbytes = read_one(spec, uri, cfg, etag)
+        image = rg.image if rg is not None else None
         views = {}
         if status == "ok" and spec.views:
             try:
@@ -286,7 +290,7 @@ def decode_batch(batch: dict, spec: DecodeSpec) -> dict:
             except DecodeError as exc:
                 status, code, msg = "error", exc.error_code, exc.message
         row = {"status": status, "error_code": code, "message": msg, "bytes_read": nbytes,
-               **_describe(spec, key, meta)}
+               **describe(spec, key, meta)}
         for s in spec.sizes:
             images[f"img_{s}"].append(letterbox(image, s) if status == "ok" else blank_input(f"img_{s}")[0])
         for v in spec.views:

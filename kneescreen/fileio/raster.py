@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kneescreen.errors import DecodeError
+from kneescreen.fileio.frames import FrameFacts, StoredFrame
 from kneescreen.fileio.plausibility import check_plausible
 from kneescreen.fileio.radiograph import Radiograph, RadiographMeta, ReaderConfig, maybe_hash, robust_window
 
@@ -95,3 +96,13 @@ def open_raster(data: bytes, config: ReaderConfig):
             f"{rows}x{cols} = {rows * cols} pixels exceeds the limit of {config.max_pixels}",
         )
     return im, fmt
+
+
+def read_raster_stored(data: bytes, config: ReaderConfig) -> StoredFrame:
+    """A PNG or JPEG -> `StoredFrame` for the device path: 8-bit values divided by 255, others
+    through the percentile window, as `read_raster` does (plausibility left to the device)."""
+    stored, meta, notes = raster_stored(data, config)
+    facts = FrameFacts(rows=meta.rows, columns=meta.cols, bits_stored=meta.bits_stored or 16,
+                       signed=stored.dtype.kind == "i", photometric="MONOCHROME2",
+                       display_scale=255.0 if stored.dtype == np.uint8 else None)
+    return StoredFrame(stored, facts, meta, notes)

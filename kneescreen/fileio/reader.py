@@ -4,7 +4,8 @@
 It returns a `Radiograph`: a float32 image in [0, 1] with bone bright (the way a radiologist's
 viewer shows it), the decoded stored-pixel hash, and header metadata. Any problem with the input
 raises `DecodeError` with a stable ``error_code``; no other exception escapes (a property test
-feeds it random and mutated bytes). `read_dicom_header(head)` is header triage from an object's
+feeds it random and mutated bytes). `read_stored(data)` stops before the display transform (the
+device path, issue #22). `read_dicom_header(head)` is header triage from an object's
 first bytes (ranged reads), without its pixel data.
 
 Where each step lives (policies documented in docs/architecture.md):
@@ -23,11 +24,13 @@ import warnings
 from kneescreen.errors import DecodeError
 from kneescreen.fileio.dicom.header import DicomHeader, read_dicom_header
 from kneescreen.fileio.dicom.read import read_dicom
+from kneescreen.fileio.dicom.stored import read_dicom_stored
+from kneescreen.fileio.frames import StoredFrame
 from kneescreen.fileio.radiograph import Radiograph, RadiographMeta, ReaderConfig, pixel_hash
-from kneescreen.fileio.raster import is_raster, read_raster
+from kneescreen.fileio.raster import is_raster, read_raster, read_raster_stored
 
-__all__ = ["DicomHeader", "Radiograph", "RadiographMeta", "ReaderConfig", "pixel_hash", "read_dicom_header",
-           "read_radiograph"]
+__all__ = ["DicomHeader", "Radiograph", "RadiographMeta", "ReaderConfig", "StoredFrame", "pixel_hash",
+           "read_dicom_header", "read_radiograph", "read_stored"]
 
 
 def read_radiograph(data: bytes, config: ReaderConfig = ReaderConfig()) -> Radiograph:
@@ -43,6 +46,25 @@ def read_radiograph(data: bytes, config: ReaderConfig = ReaderConfig()) -> Radio
     Raises:
         DecodeError: for every kind of bad input; ``error_code`` says which.
     """
+    return _guarded(data, config, read_raster, read_dicom)
+
+
+def read_stored(data: bytes, config: ReaderConfig = ReaderConfig()) -> StoredFrame:
+    """One radiograph read up to its pixel values, for preprocessing on another device (#22).
+
+    Returns:
+        A `StoredFrame`: 2-D pixels plus the `FrameFacts` that `read_radiograph`'s display
+        transform would use. Its errors are `read_radiograph`'s, except that the plausibility
+        checks of plain stored values are left to whoever applies the facts.
+
+    Raises:
+        DecodeError: for every kind of bad input; ``error_code`` says which.
+    """
+    return _guarded(data, config, read_raster_stored, read_dicom_stored)
+
+
+def _guarded(data, config: ReaderConfig, raster, dicom):
+    """Dispatch on content; no exception but DecodeError (and interpreter exits) escapes."""
     try:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise DecodeError("not_dicom", f"expected bytes, got {type(data).__name__}")
@@ -54,8 +76,8 @@ def read_radiograph(data: bytes, config: ReaderConfig = ReaderConfig()) -> Radio
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             if is_raster(data):
-                return read_raster(data, config)
-            return read_dicom(data, config)
+                return raster(data, config)
+            return dicom(data, config)
     except DecodeError:
         raise
     except MemoryError as exc:

@@ -152,13 +152,15 @@ class Bundle:
     @torch.inference_mode()
     def member_logits(self, batches: dict, batch_size: int = 32) -> list[np.ndarray]:
         """Each member's logits; ``batches`` maps input keys (`BundleManifest.input_keys`) to uint8
-        arrays, (n, s, s) or multi-instance (n, k, s, s) (instances mean-pooled)."""
+        arrays or tensors (already on the model's device with ``--preprocess device``), (n, s, s)
+        or multi-instance (n, k, s, s) (instances mean-pooled)."""
         out = []
         for spec, model in zip(self.manifest.members, self.models):
             arr = self._input(batches, spec)
             logits = []
             for i in range(0, len(arr), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size])).to(self.device)
+                x = arr[i : i + batch_size]
+                x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).to(self.device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
                     logits.append(instance_logits(model, x, spec.input_mode, spec.mean, spec.std).float().cpu().numpy())
             out.append(np.concatenate(logits) if logits else np.zeros((0, len(CLASSES))))
@@ -191,8 +193,8 @@ class Bundle:
         kind = self.manifest.predictor
         cov_out = None
         if self.covariate_model is not None:
-            p_cov, imputed = self.covariate_probs([None] * n if ages is None else list(ages),
-                                                  [None] * n if sexes is None else list(sexes))
+            p_cov, imputed = self.covariate_probs([None] * n if ages is None else ages,
+                                                  [None] * n if sexes is None else sexes)
             cov_out = np.where(imputed[:, None], np.nan, p_cov)
         if cov_out is not None and (kind == "covariates" or (kind == "fused" and self.stacker is not None)):
             chosen = self.stacker.predict_proba(p_cov, image_probs) if kind == "fused" else p_cov
@@ -204,8 +206,8 @@ class Bundle:
         th, triage = self.manifest.thresholds, self.manifest.triage
         low = probs[:, 1] + probs[:, 2]
         zones = assign_zones(low, triage.rule_out.threshold, triage.rule_in.threshold) if triage else None
-        est, lo, hi = predict_t_score(self.manifest.t_score, [None] * n if ages is None else list(ages),
-                                      [None] * n if sexes is None else list(sexes), image_probs)
+        est, lo, hi = predict_t_score(self.manifest.t_score, [None] * n if ages is None else ages,
+                                      [None] * n if sexes is None else sexes, image_probs)
         return Prediction(
             probs=probs, pred=pred, low_bmd_score=low,
             low_bmd_flag=low >= th.low_bmd.threshold,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kneescreen.labels import to_floats
 from kneescreen.model.fusion import softmax
 
 
@@ -25,19 +26,31 @@ def _sex_code(sex) -> str | None:
     return None
 
 
+def sex_codes(sexes) -> np.ndarray:
+    """`_sex_code` of every value ("F", "M" or None) as an object array: one call per distinct value.
+
+    Values are told apart by ``str`` (None becomes "None", NaN "nan"), which `_sex_code` maps to None
+    as it does None itself."""
+    text = np.asarray(sexes, dtype=object).reshape(-1).astype(str)
+    distinct, inverse = np.unique(text, return_inverse=True)
+    return np.array([_sex_code(v) for v in distinct], dtype=object)[inverse]
+
+
 def covariate_features(ages, sexes, age_mean: float = 65.0, age_sd: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
-    """Design matrix [age_z, female, age_missing, sex_missing] and a per-row 'imputed' flag."""
-    rows, imputed = [], []
-    for age, sex in zip(ages, sexes):
-        a = None if age is None or (isinstance(age, float) and np.isnan(age)) else float(age)
-        s = _sex_code(sex)
-        rows.append([
-            0.0 if a is None else (a - age_mean) / age_sd,
-            1.0 if s == "F" else 0.0 if s == "M" else 0.5,
-            float(a is None), float(s is None),
-        ])
-        imputed.append(a is None or s is None)
-    return np.asarray(rows, float), np.asarray(imputed, bool)
+    """Design matrix [age_z, female, age_missing, sex_missing] and a per-row 'imputed' flag.
+
+    Args:
+        ages: years per row (None / NaN missing); sexes: per row (None or unrecognised missing).
+            Lists or arrays (training metadata columns).
+    """
+    a = to_floats(ages)
+    s = sex_codes(sexes)
+    age_missing, female, male = np.isnan(a), s == "F", s == "M"
+    sex_missing = ~(female | male)
+    x = np.column_stack([np.where(age_missing, 0.0, (a - age_mean) / age_sd),
+                         np.where(female, 1.0, np.where(male, 0.0, 0.5)),
+                         age_missing.astype(float), sex_missing.astype(float)])
+    return x, age_missing | sex_missing
 
 
 @dataclass
@@ -99,12 +112,15 @@ class ProductStacker:
         k = p_cov.shape[1]
         onehot = np.eye(k)[y]
         best = (np.inf, 0.0, np.zeros(k))
+        # The log-probabilities once, not per step: `_logits` computes these same numbers.
+        log_cov, log_img = np.log(np.clip(p_cov, 1e-6, 1)), np.log(np.clip(p_img, 1e-6, 1))
         for beta in np.linspace(0.0, 2.0, 41):
             bias = np.zeros(k)
+            base = log_cov + beta * log_img
             for _ in range(300):
-                p = softmax(self._logits(p_cov, p_img, beta, bias))
+                p = softmax(base + bias)
                 bias -= 0.5 * ((p - onehot).mean(0) + l2 * bias)
-            p = softmax(self._logits(p_cov, p_img, beta, bias))
+            p = softmax(base + bias)
             nll = float(-np.log(p[np.arange(len(y)), y] + 1e-12).mean() + 0.5 * l2 * (bias**2).sum())
             if nll < best[0] - 1e-9:
                 best = (nll, float(beta), bias.copy())

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kneescreen.labels import CLASSES
+from kneescreen.labels import CLASSES, to_floats
 from kneescreen.model.covariates import LogisticModel, ProductStacker
 from kneescreen.model.fusion import FUSION_METHODS, apply_temperature, choose_threshold, fit_temperature, fit_weights, fuse
-from kneescreen.model.covariates import covariate_features
+from kneescreen.model.covariates import covariate_features, sex_codes
 from kneescreen.model.manifest import (
     BundleManifest, CovariateManifest, FusionManifest, MemberManifest, StackerManifest, Threshold, Thresholds,
     TriageManifest, TriageZone, TScoreManifest,
@@ -81,15 +81,15 @@ def triage_manifest(risk: np.ndarray, positive: np.ndarray, targets: Targets) ->
 def t_score_manifest(t_scores, ages, sexes, folds: np.ndarray, image_probs: np.ndarray,
                      covariates: CovariateFit | None, targets: Targets) -> TScoreManifest:
     """The T-score estimate fit on the rows with a reference T-score (`kneescreen.model.tscore`)."""
-    t = np.array([np.nan if v is None else float(v) for v in t_scores], float)
+    t = to_floats(t_scores)
     have = np.isfinite(t)
     if have.sum() < MIN_T_SCORE_ROWS:
         return TScoreManifest(n=int(have.sum()), coverage=targets.t_score_coverage,
                               reason=f"{int(have.sum())} training images carry a reference T-score; at least "
                                      f"{MIN_T_SCORE_ROWS} are needed to fit and calibrate an estimate")
     age_mean, age_sd = (covariates.age_mean, covariates.age_sd) if covariates else (65.0, 12.0)
-    cov_x = covariate_features([a for a, h in zip(ages, have) if h], [s for s, h in zip(sexes, have) if h],
-                               age_mean, age_sd)[0] if covariates else None
+    cov_x = covariate_features(to_floats(ages)[have], sex_codes(sexes)[have], age_mean, age_sd)[0] \
+        if covariates else None
     rec = select_t_score(t[have], folds[have], cov_x, image_probs[have], targets.t_score_coverage)
     return TScoreManifest(rec["predictor"], tuple(rec["features"]), rec["coef"], rec["intercept"], age_mean, age_sd,
                           rec["half_width"], rec["coverage"], rec["n"], rec["selection"])

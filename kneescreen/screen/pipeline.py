@@ -3,8 +3,10 @@
     list (driver threads over key prefixes, paged) -> diff against committed runs, by hash
       partition (driver for one partition, Ray tasks for more) -> chunks to screen (Parquet, scratch)
       -> blocks of `decode_batch_size` rows -> decode + preprocess (CPU tasks; bad input ->
-         error/skipped rows)
-      -> ensemble inference (ActorPoolStrategy: 1 GPU per actor on clusters, CPU actors here)
+         error/skipped rows); with --preprocess device, decode to stored pixels only (blocks
+         bounded by frame bytes, `data.frame_block.RAW_BLOCK_BYTES`)
+      -> [--preprocess device: display transform, letterbox, ROI, tiles on the actor's device]
+         ensemble inference (ActorPoolStrategy: 1 GPU per actor on clusters, CPU actors here)
       -> postprocess (pure fn: schema.PREDICTIONS) -> write_parquet(predictions/...)
       -> stats (driver: this run's Parquet streamed batch by batch into counts)
       -> patients (Ray Data: latest ok row per object over committed runs + this one, groupby
@@ -43,6 +45,7 @@ from kneescreen.screen.sizing import Plan, plan_screening, resolve_actors  # noq
 from kneescreen.screen.stages import (
     EnsemblePredictor,
     decode_stage,
+    decode_stored_stage,
     to_prediction_table,
 )
 from kneescreen.screen.patients import write_patients
@@ -63,6 +66,7 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
     # Data schedules as many as the CPUs the actors leave.
     decode_compute = ray.data.TaskPoolStrategy(size=plan.decode_tasks) if plan.decode_tasks else None
     payload = ray.put({"manifest": bundle.manifest, "states": bundle.states()})
+    device = cfg.resolved_preprocess == "device"
     spec = DecodeSpec(store=store, sizes=tuple(bundle.sizes), views=bundle.views, root=cfg.input, pseudo_key=pseudo_key,
                       reference=ray.put(load_side_table(store, cfg.reference)),
                       metadata=ray.put(load_side_table(store, cfg.metadata)),
@@ -79,10 +83,15 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
         # Decode tasks reserve memory (a 4k x 4k 16-bit radiograph peaks near 0.5 GB as float
         # arrays). The reservation also keeps Ray from fusing decode into the inference actor,
         # so decoding runs in parallel CPU tasks while the actor keeps inferring.
-        .map_batches(decode_stage, batch_size=cfg.decode_batch_size, memory=DECODE_MEMORY, compute=decode_compute,
+        # With --preprocess device the task stops at the stored pixels and yields blocks of at
+        # most RAW_BLOCK_BYTES of frames (a quarter of the reservation: 13 full-size 10 MB films),
+        # so a block of big films never outgrows the memory the task reserved.
+        .map_batches(decode_stored_stage if device else decode_stage, batch_size=cfg.decode_batch_size,
+                     memory=DECODE_MEMORY, compute=decode_compute,
                      fn_kwargs={"spec": spec, "max_retries": cfg.max_retries})
         .map_batches(EnsemblePredictor, batch_size=plan.batch_size, compute=ray.data.ActorPoolStrategy(size=plan.actors),
-                     fn_constructor_kwargs={"payload": payload, "use_gpu": cfg.use_gpu, "threads": cfg.actor_cpus},
+                     fn_constructor_kwargs={"payload": payload, "use_gpu": cfg.use_gpu, "threads": cfg.actor_cpus,
+                                            "preprocess": cfg.resolved_preprocess},
                      num_gpus=1 if cfg.use_gpu else 0, num_cpus=0 if cfg.use_gpu else cfg.actor_cpus)
         .map_batches(to_prediction_table, batch_format="numpy", fn_kwargs={
             "run_id": run_id, "model_version": bundle.version, "screened_at": _dt.datetime.now(_dt.timezone.utc)})
@@ -100,8 +109,9 @@ def _screen(cfg: ScreenConfig, store: Store, bundle: Bundle, listing: dict, key:
     cfg = dataclasses.replace(cfg, actors=plan.actors, batch_size=plan.batch_size, decode_tasks=plan.decode_tasks)
     # The console turns this line into a progress line fed by the inference operator's output
     # rows (kneescreen._private.console); Ray Data's own progress dumps go to the log file.
-    _logger.info("run %s: screening %d objects on %d inference actor(s) x %s", run_id, listing["to_screen"],
-                 cfg.actors, "1 GPU" if cfg.use_gpu else f"{cfg.actor_cpus} CPU",
+    _logger.info("run %s: screening %d objects on %d inference actor(s) x %s, preprocessing on %s", run_id,
+                 listing["to_screen"], cfg.actors, "1 GPU" if cfg.use_gpu else f"{cfg.actor_cpus} CPU",
+                 "the actors' device" if cfg.resolved_preprocess == "device" else "CPU decode tasks",
                  extra={"progress_total": listing["to_screen"], "progress_unit": "images",
                         "progress_label": "screening", "progress_op": EnsemblePredictor.__name__})
     (_logger.warning if plan.bottleneck == "decode" else _logger.info)("run %s: sizing: %s", run_id, plan.describe())
@@ -189,6 +199,8 @@ def run_screen(cfg: ScreenConfig, store: Store | None = None) -> dict:
             row-count mismatch (the run is then not committed and the next run re-screens).
     """
     cfg.validate()
+    # Record what ran (the manifest's config and configs/run_id=<r>.yaml), not "default".
+    cfg = dataclasses.replace(cfg, preprocess=cfg.resolved_preprocess)
     store = store or Store.resolve(cfg.endpoint_url)
     key = pseudonym_key(required=True)  # fail before any work if the secret is missing
     started, run_id, t_start = _dt.datetime.now(_dt.timezone.utc), ledger.new_run_id(), time.perf_counter()

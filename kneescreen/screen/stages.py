@@ -1,7 +1,9 @@
 """The screening pipeline's stages, each testable without Ray.
 
-    decode_stage (CPU tasks: kneescreen.data.decode.decode_batch -> typed block)
-    -> EnsemblePredictor (actor: models built once from the driver-verified bundle)
+    decode_stage (CPU tasks: kneescreen.data.decode.decode_batch -> typed block), or with
+      --preprocess device decode_stored_stage (stored frames, blocks bounded by bytes)
+    -> EnsemblePredictor (actor: models built once from the driver-verified bundle; with
+      --preprocess device it first preprocesses the frames on its device, `screen.device`)
     -> to_prediction_table (pure fn: exactly `schema.PREDICTIONS`)
 
 Between stages every block is an Arrow table with fixed column types (`typed_table`), so blocks
@@ -21,10 +23,13 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from kneescreen.data.decode import DecodeSpec, decode_batch, is_transient
+from kneescreen.data.decode_stored import decode_stored_batch
+from kneescreen.data.frame_block import RAW_BLOCK_BYTES, is_frame_column
 from kneescreen.data.preprocess import is_input_key
 from kneescreen.labels import CLASSES
 from kneescreen.model.bundle import Bundle
 from kneescreen.model.manifest import BundleManifest
+from kneescreen.screen.device import DevicePreprocessor
 from kneescreen.screen.schema import PREDICTIONS
 
 
@@ -52,7 +57,9 @@ def typed_table(cols: dict) -> pa.Table:
     names, arrays = [], []
     for name, values in cols.items():
         names.append(name)
-        if is_input_key(name):
+        if isinstance(values, pa.Array):  # already typed (`data.frame_block` columns)
+            arrays.append(values)
+        elif is_input_key(name):
             arrays.append(ArrowTensorArray.from_numpy(np.ascontiguousarray(values, dtype=np.uint8)))
         else:
             arrays.append(_column(values, PREDICTIONS.field(name)))
@@ -71,18 +78,35 @@ def exhaust_retries(out: dict, attempts, max_retries: int) -> dict:
     return {**out, "error_code": codes, "message": messages}
 
 
-def decode_stage(batch: dict, spec: DecodeSpec, max_retries: int | None = None) -> pa.Table:
-    """Ray Data task: listing rows (key, etag, size[, attempts]) -> typed decoded block; with
-    ``max_retries``, transient errors past it become ``retries_exhausted`` (`exhaust_retries`)."""
+def _resolved(spec: DecodeSpec) -> DecodeSpec:
     # Side tables travel as object refs: fetched once per task from the object store.
     if isinstance(spec.reference, ray.ObjectRef) or isinstance(spec.metadata, ray.ObjectRef):
         spec = dataclasses.replace(
             spec, reference=ray.get(spec.reference) if isinstance(spec.reference, ray.ObjectRef) else spec.reference,
             metadata=ray.get(spec.metadata) if isinstance(spec.metadata, ray.ObjectRef) else spec.metadata)
-    out = decode_batch({k: batch[k] for k in ("key", "etag", "size")}, spec)
+    return spec
+
+
+def decode_stage(batch: dict, spec: DecodeSpec, max_retries: int | None = None) -> pa.Table:
+    """Ray Data task: listing rows (key, etag, size[, attempts]) -> typed decoded block; with
+    ``max_retries``, transient errors past it become ``retries_exhausted`` (`exhaust_retries`)."""
+    out = decode_batch({k: batch[k] for k in ("key", "etag", "size")}, _resolved(spec))
     if max_retries is not None and "attempts" in batch:
         out = exhaust_retries(out, batch["attempts"], max_retries)
     return typed_table(out)
+
+
+def decode_stored_stage(batch: dict, spec: DecodeSpec, max_retries: int | None = None,
+                        block_bytes: int = RAW_BLOCK_BYTES):
+    """`decode_stage` for ``--preprocess device``: yields blocks of stored frames
+    (`data.decode_stored.decode_stored_batch`), each at most ``block_bytes`` of frames."""
+    start = 0
+    for out in decode_stored_batch({k: batch[k] for k in ("key", "etag", "size")}, _resolved(spec), block_bytes):
+        n = len(out["key"])
+        if max_retries is not None and "attempts" in batch:
+            out = exhaust_retries(out, batch["attempts"][start : start + n], max_retries)
+        start += n
+        yield typed_table(out)
 
 
 _RESULT_COLUMNS = ("p_normal", "p_osteopenia", "p_osteoporosis", "predicted_class", "risk_score", "low_bmd_flag",
@@ -97,18 +121,25 @@ class EnsemblePredictor:
         payload: ``{"manifest": BundleManifest, "states": [state dicts]}`` (or its ObjectRef).
         use_gpu: run on this actor's GPU (bf16 autocast).
         threads: torch threads for CPU inference.
+        preprocess: ``cpu`` (blocks carry model inputs) or ``device`` (blocks carry stored frames,
+            preprocessed here by `screen.device.DevicePreprocessor` on the actor's device).
     """
 
-    def __init__(self, payload, use_gpu: bool = False, threads: int = 1):
+    def __init__(self, payload, use_gpu: bool = False, threads: int = 1, preprocess: str = "cpu"):
         torch.set_num_threads(max(1, threads))
         if isinstance(payload, ray.ObjectRef):
             payload = ray.get(payload)
         manifest: BundleManifest = payload["manifest"]
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.bundle = Bundle.from_states(manifest, payload["states"], device)
+        self.pre = DevicePreprocessor(manifest.input_keys, device) if preprocess == "device" else None
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["key"])
+        inputs = batch
+        if self.pre is not None:
+            with torch.inference_mode():
+                batch, inputs = self.pre(batch)
         ok = np.asarray(batch["status"] == "ok", bool)
         res = {k: np.full(n, None, dtype=object) for k in _RESULT_COLUMNS}
         if ok.any():
@@ -116,8 +147,9 @@ class EnsemblePredictor:
             t0 = time.perf_counter()
             idx = np.nonzero(ok)[0]
             ages = [None if np.isnan(a) else float(a) for a in batch["age"][idx]]
+            pick = torch.from_numpy(idx) if self.pre is not None else idx
             with torch.inference_mode():
-                pred = self.bundle.predict({k: batch[k][idx] for k in self.bundle.manifest.input_keys},
+                pred = self.bundle.predict({k: inputs[k][pick] for k in self.bundle.manifest.input_keys},
                                            ages, list(batch["sex"][idx]))
             for i, c in enumerate(("p_normal", "p_osteopenia", "p_osteoporosis")):
                 res[c][idx] = pred.probs[:, i]
@@ -137,7 +169,7 @@ class EnsemblePredictor:
                     res["covariates_probs"][i] = pred.covariate_probs[j].tolist()
             res["infer_ms"][idx] = (time.perf_counter() - t0) * 1000 / len(idx)
             res["inferred_at"][idx] = started
-        out = {k: v for k, v in batch.items() if not is_input_key(k)}
+        out = {k: v for k, v in batch.items() if not is_input_key(k) and not is_frame_column(k)}
         out.update(res)
         return typed_table(out)
 

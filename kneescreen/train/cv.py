@@ -16,13 +16,13 @@ import numpy as np
 
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import to_flat_dict
-from kneescreen.data.split.run import SplitConfig, load_split, run_split
+from kneescreen.data.split.run import SplitConfig, run_split
 from kneescreen.fileio.store import Store, join
-from kneescreen.labels import CLASSES, age_band
+from kneescreen.labels import CLASSES, age_bands
 from kneescreen.metrics import binary_counts, classification_report
 from kneescreen.model.bundle import Bundle
 from kneescreen.train.config import TrainConfig
-from kneescreen.train.data import TrainingData, load_training_data
+from kneescreen.train.data import TrainingData, load_split_data
 from kneescreen.train.evaluate import image_value, predictor_outputs, with_logits
 from kneescreen.train.oof import FeatureCache
 from kneescreen.train.recipe import input_keys
@@ -57,7 +57,7 @@ def _outer_fold(f: int, data: TrainingData, cfg: TrainConfig, store: Store, oof:
     return manifest.selection["deployed"]
 
 
-def pooled_report(oof: dict, y: np.ndarray, ages: list) -> dict:
+def pooled_report(oof: dict, y: np.ndarray, ages) -> dict:
     """Metrics with intervals on the pooled out-of-fold predictions of every predictor."""
     out = {}
     for name, d in oof.items():
@@ -65,9 +65,9 @@ def pooled_report(oof: dict, y: np.ndarray, ages: list) -> dict:
         r = classification_report(y, probs, CLASSES, pred=pred, n_boot=2000)
         r["low_bmd"] = binary_counts(y >= 1, low)
         if name.startswith("image_ensemble"):
-            by_band = {}
-            for band in sorted({b for b in map(age_band, ages) if b}):
-                m = np.array([age_band(a) == band for a in ages])
+            by_band, of_row = {}, age_bands(ages)
+            for band in sorted({b for b in of_row if b}):
+                m = of_row == band
                 if m.sum() >= 8:
                     by_band[band] = {"n": int(m.sum()), "accuracy": float((pred[m] == y[m]).mean())}
             r["by_age_band"] = by_band
@@ -102,21 +102,16 @@ def run_cv(cfg: TrainConfig, out_json: str, store: Store | None = None) -> dict:
     check_cluster(cfg)
     split_dir = join(out_json.rsplit("/", 1)[0], "cv-split")
     run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
-    rows = load_split(split_dir, store)
-    k = 1 + max(r["fold"] for r in rows)
-    data = load_training_data(rows, input_keys(cfg), store)
+    data, info = load_split_data(split_dir, input_keys(cfg), store)
+    k = info["folds"]
     oof: dict = {}
     cache = FeatureCache(data)  # frozen features once per image, shared by every outer fold
-    labels, ages, sexes, tscores, deployed = [], [], [], [], []
+    # The pooled rows in outer-fold order: metadata columns (NumPy), not per-row lists.
+    order, deployed = np.concatenate([np.nonzero(data["fold"] == f)[0] for f in range(k)]), []
     for f in range(k):
         deployed.append(_outer_fold(f, data, cfg, store, oof, cache))
-        m = data["fold"] == f
-        labels.append(data["label"][m])
-        ages += [a for a, keep in zip(data["age"], m) if keep]
-        sexes += [s for s, keep in zip(data["sex"], m) if keep]
-        tscores += [t for t, keep in zip(data["t_score"], m) if keep]
         _logger.info("fold %d/%d done", f + 1, k)
-    y = np.concatenate(labels)
+    y, ages, sexes, tscores = (data[c][order] for c in ("label", "age", "sex", "t_score"))
     referral = _pooled_referral(oof.pop("_referral"), oof.pop("_stated"))
     # A predictor some fold's bundle lacks (e.g. no fused model when that fold's age/sex model
     # could not be fit) has no pooled estimate: say so instead of pooling misaligned rows.

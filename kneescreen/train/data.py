@@ -1,9 +1,12 @@
 """Split rows -> one decoded Ray Dataset in the object store, small per-row metadata on the driver.
 
-    split rows (sorted by key, numbered ``row``) --from_items, ~128-row blocks-->
+    split.csv --one Ray task: Arrow columns (train.split_table), sorted by key, numbered ``row``,
+      cut into ~128-row Arrow blocks--> from_arrow_refs (the split never reaches the driver;
+      `load_training_data` takes row dicts from tests and benchmarks the same way)
       decode (Ray Data tasks: the screening decoder, `data.decode.decode_batch`)
       --materialize--> decoded blocks in the object store: images never reach the driver
-      --select_columns(row, key, label, fold, ...)--> driver: `TrainingData.meta` (usable rows)
+      --select_columns(row, key, label, fold, ...)--> driver: `TrainingData.meta` (usable rows, NumPy
+      columns: no per-row Python objects but the keys)
     TrainingData.where(mask) -> the same blocks, rows picked by number in Ray Data tasks, for:
       frozen members:  `map_model` (features, Ray Data tasks) -> the head fit in one Ray task
       fine-tuned ones: `TrainingData.dataset` -> TorchTrainer datasets (per-worker shards)
@@ -29,6 +32,7 @@ from kneescreen.data.decode import DecodeSpec, decode_batch, usable_decoded_rows
 from kneescreen.data.preprocess import is_input_key, parse_input_key
 from kneescreen.fileio.store import Store
 from kneescreen.labels import CLASSES
+from kneescreen.train.split_table import decode_inputs, load_split_table, rows_to_columns, split_columns, split_fingerprint
 
 _KEEP = ("row", "key", "label", "row_age", "row_sex", "row_t", "split", "fold", "status", "error_code")
 # Decoded rows per block: every later selection runs one task per block, so not Ray's default
@@ -60,8 +64,9 @@ class TrainingData:
     Attributes:
         base: the materialized decoded dataset (every row, errors included, column ``row``
             numbering them).
-        meta: ``row``, ``label``, ``key``, ``split``, ``fold`` arrays and ``age``/``sex``/``t_score``
-            lists of the usable rows of this selection, in key order (``data["label"]`` reads them).
+        meta: NumPy columns of the usable rows of this selection, in key order (``data["label"]``
+            reads them): ``row``, ``label``, ``key``, ``split``, ``fold``, ``age`` and ``t_score``
+            (float, NaN where missing), ``sex`` (object, None where missing).
         inputs: the image columns (member input keys) the blocks carry.
         n_rows: rows in ``base`` (the length of a selection mask over row numbers).
     """
@@ -80,7 +85,7 @@ class TrainingData:
     def where(self, mask: np.ndarray) -> TrainingData:
         """The rows where ``mask`` (aligned with ``meta``) holds; lazy, nothing is read."""
         idx = np.nonzero(np.asarray(mask, bool))[0]
-        meta = {k: v[idx] if isinstance(v, np.ndarray) else [v[i] for i in idx] for k, v in self.meta.items()}
+        meta = {k: v[idx] for k, v in self.meta.items()}
         return TrainingData(self.base, meta, self.inputs, self.n_rows)
 
     def dataset(self, columns: list[str]) -> ray.data.Dataset:
@@ -98,7 +103,7 @@ class TrainingData:
                  for i in range(n)]
         meta = {"row": np.arange(n), "key": np.asarray([it["key"] for it in items], object),
                 "label": np.asarray(labels, int), "split": np.full(n, "train", object), "fold": np.zeros(n, int),
-                "age": [None] * n, "sex": [None] * n, "t_score": [None] * n}
+                "age": np.full(n, np.nan), "sex": np.full(n, None, object), "t_score": np.full(n, np.nan)}
         base = ray.data.from_items(items, override_num_blocks=_blocks(n)).materialize()
         return cls(base, meta, tuple(sorted(images)), n)
 
@@ -122,42 +127,83 @@ def _meta(base: ray.data.Dataset) -> dict:
         bad_rows = [{"status": s, "error_code": e} for s, e in zip(cols["status"][bad], cols["error_code"][bad])]
         usable_decoded_rows(bad_rows, "training data")
     ok = ~bad
-    age, t = cols["row_age"][ok].astype(float), cols["row_t"][ok].astype(float)
+    sex = _shared_text(cols["row_sex"][ok])
     return {"row": cols["row"][ok].astype(np.int64), "key": cols["key"][ok].astype(object),
-            "label": cols["label"][ok].astype(int), "split": cols["split"][ok].astype(object),
-            "fold": cols["fold"][ok].astype(int),
-            "age": [None if np.isnan(a) else float(a) for a in age],
-            "sex": [str(s) or None for s in cols["row_sex"][ok]],
-            "t_score": [None if np.isnan(v) else float(v) for v in t]}
+            "label": cols["label"][ok].astype(int), "split": _shared_text(cols["split"][ok]),
+            "fold": cols["fold"][ok].astype(int), "age": cols["row_age"][ok].astype(float),
+            "sex": np.where(sex == "", None, sex), "t_score": cols["row_t"][ok].astype(float)}
+
+
+def _shared_text(values: np.ndarray) -> np.ndarray:
+    """An object array of few distinct strings whose rows share one str object per value."""
+    distinct, inverse = np.unique(values.astype(str), return_inverse=True)
+    return distinct.astype(object)[inverse.reshape(-1)]
+
+
+@ray.remote(num_cpus=1)
+def _read_split(path: str, store: Store, splits: tuple[str, ...] | None):
+    """In a Ray task: (the decoder's input table, {"n", "folds", "fingerprint"}); options(num_returns=2)."""
+    table = load_split_table(path, store, splits)
+    cols = split_columns(table)
+    info = {"n": table.num_rows, "folds": int(cols["fold"].max()) + 1 if table.num_rows else 0,
+            "fingerprint": split_fingerprint(table)}
+    return decode_inputs(cols), info
+
+
+@ray.remote(num_cpus=1)
+def _cut(table: pa.Table, n_blocks: int) -> tuple:
+    """In a Ray task: the table in ``n_blocks`` consecutive slices, sized as `ray.data.from_items` sizes
+    its blocks (so every later batch holds the same rows as before the split was read as Arrow).
+    Copies (`take`), not zero-copy slices: a slice can carry the whole table's buffers along."""
+    size, extra = divmod(table.num_rows, n_blocks)
+    starts = [i * size + min(i, extra) for i in range(n_blocks + 1)]
+    return tuple(table.take(pa.array(np.arange(starts[i], starts[i + 1]))) for i in range(n_blocks))
+
+
+def _decode(table: ray.ObjectRef, n: int, inputs, store: Store) -> TrainingData:
+    """Decode the rows of the input table (an object ref, never on the driver) in Ray Data tasks."""
+    keys = sorted({f"img_{k}" if isinstance(k, (int, np.integer)) else k for k in inputs})
+    sizes = tuple(parse_input_key(k)[1] for k in keys if k.startswith("img_"))
+    n_blocks = _blocks(n)
+    blocks = [table] if n_blocks == 1 else list(_cut.options(num_returns=n_blocks).remote(table, n_blocks))
+    spec = DecodeSpec(store=store, sizes=sizes, views=tuple(k for k in keys if not k.startswith("img_")),
+                      root=None, body_part_policy="keep")
+    decoded = ray.data.from_arrow_refs(blocks).map_batches(_decode_for_training, fn_kwargs={"spec": spec},
+                                                           batch_size=8)
+    # The object store, not the driver heap: every fold and member reads these blocks again.
+    base = decoded.materialize()
+    return TrainingData(base, _meta(base), tuple(keys), n)
+
+
+def load_split_data(split: str, inputs, store: Store, splits: tuple[str, ...] | None = None
+                    ) -> tuple[TrainingData, dict]:
+    """Read a ``split.csv`` as Arrow in a Ray task and decode its rows with Ray Data tasks.
+
+    Args:
+        split: the ``split.csv`` or its folder (local or s3://).
+        inputs: member input keys (``img_160``, ``roi_128``, ...; a bare int is ``img_<int>``).
+        splits: only these splits' rows (e.g. ``("test",)``); all by default.
+
+    Returns:
+        (`TrainingData`, ``{"n": rows read, "folds": fold count, "fingerprint":
+        `split_table.split_fingerprint`}``). The driver receives the small columns of the decoded
+        rows, never the split's rows.
+    """
+    table, info = _read_split.options(num_returns=2).remote(split, store, splits)
+    info = ray.get(info)
+    return _decode(table, info["n"], inputs, store), info
 
 
 def load_training_data(rows: list[dict], inputs, store: Store) -> TrainingData:
-    """Decode split rows with Ray Data tasks into the object store.
-
-    Args:
-        rows: split rows (`kneescreen.data.split.run.load_split`).
-        inputs: member input keys (``img_160``, ``roi_128``, ...; a bare int is ``img_<int>``).
-        store: where the images live.
+    """Decode split rows (`kneescreen.data.split.run.load_split`, as tests and benchmarks hold them)
+    with Ray Data tasks into the object store; `load_split_data` reads a split file without them.
 
     Returns:
         `TrainingData`: the decoded blocks (materialized once, reused by every fold and member)
         and the metadata of the usable rows. Films whose knee joint is not found are left out
         (logged) when a native view is asked for.
     """
-    keys = sorted({f"img_{k}" if isinstance(k, (int, np.integer)) else k for k in inputs})
-    sizes = tuple(parse_input_key(k)[1] for k in keys if k.startswith("img_"))
-    items = [{"row": i, "uri": r["uri"], "key": r["key"], "label": CLASSES.index(r["label"]),
-              "row_age": np.nan if r.get("age") is None else float(r["age"]), "row_sex": r.get("sex") or "",
-              "row_t": np.nan if r.get("t_score") is None else float(r["t_score"]),
-              "split": r["split"], "fold": int(r["fold"])}
-             for i, r in enumerate(sorted(rows, key=lambda r: r["key"]))]
-    spec = DecodeSpec(store=store, sizes=sizes, views=tuple(k for k in keys if not k.startswith("img_")),
-                      root=None, body_part_policy="keep")
-    decoded = ray.data.from_items(items, override_num_blocks=_blocks(len(items))).map_batches(
-        _decode_for_training, fn_kwargs={"spec": spec}, batch_size=8)
-    # The object store, not the driver heap: every fold and member reads these blocks again.
-    base = decoded.materialize()
-    return TrainingData(base, _meta(base), tuple(keys), len(items))
+    return _decode(ray.put(decode_inputs(rows_to_columns(rows))), len(rows), inputs, store)
 
 
 # Models built in a Ray worker process, by payload: tasks of one map reuse them (at most 2 kept).

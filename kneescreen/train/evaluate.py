@@ -12,12 +12,11 @@ import pyarrow as pa
 
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, opt
-from kneescreen.data.split.run import load_split
 from kneescreen.fileio.store import Store, join
-from kneescreen.labels import CLASSES, age_band
+from kneescreen.labels import CLASSES, age_bands, to_floats
 from kneescreen.metrics import binary_counts, classification_report, paired_bootstrap, partial_spearman
 from kneescreen.model.bundle import Bundle, load_bundle
-from kneescreen.train.data import TrainingData, bundle_logits, load_training_data
+from kneescreen.train.data import TrainingData, bundle_logits, load_split_data
 from kneescreen.train.referral_eval import referral_figures
 
 _logger = logging.getLogger(__name__)
@@ -74,9 +73,9 @@ def image_value(outputs: dict, y: np.ndarray, ages: list, sexes: list, t_scores:
         for name in [n for n in probs if n.startswith(("image_ensemble", "fused", "deployed"))]:
             out["paired"][name] = paired_bootstrap(y, probs[name], probs["covariates_only"], n_boot=n_boot)
     image = next((probs[n] for n in probs if n.startswith("image_ensemble")), None)
-    age = np.array([np.nan if a is None else a for a in ages], float)
-    female = np.array([np.nan if s is None else float(str(s).upper().startswith("F")) for s in sexes], float)
-    t = np.array([np.nan if v is None else v for v in t_scores], float)
+    age, t = to_floats(ages), to_floats(t_scores)
+    sex = np.asarray(sexes, dtype=object).reshape(-1)
+    female = np.where(np.equal(sex, None), np.nan, np.char.startswith(np.char.upper(sex.astype(str)), "F"))
     if image is not None and np.isfinite(t).sum() >= 8:
         out["t_score_partial_spearman"] = partial_spearman(image[:, 1] + image[:, 2], t, np.column_stack([age, female]))
     return out
@@ -84,9 +83,9 @@ def image_value(outputs: dict, y: np.ndarray, ages: list, sexes: list, t_scores:
 
 def _by_age_band(y: np.ndarray, probs: np.ndarray, pred: np.ndarray, ages: list) -> dict:
     """Is the image model reading bone or age? Its balanced accuracy within age bands."""
-    bands = {}
-    for band in sorted({b for b in map(age_band, ages) if b}):
-        m = np.array([age_band(a) == band for a in ages])
+    bands, of_row = {}, age_bands(ages)
+    for band in sorted({b for b in of_row if b}):
+        m = of_row == band
         if m.sum() >= 5:
             bands[band] = {"n": int(m.sum()), "balanced_accuracy": classification_report(
                 y[m], probs[m], CLASSES, pred=pred[m], n_boot=200)["balanced_accuracy"]}
@@ -110,10 +109,11 @@ def evaluate_arrays(bundle: Bundle, data, n_boot: int = 1000) -> dict:
         r["low_bmd"] = binary_counts(y >= 1, (probs[:, 1] + probs[:, 2]) >= r["low_bmd_threshold"])
         report["predictors"][name] = r
     probs, pred = outputs[f"image_ensemble:{bundle.manifest.fusion.method}"]
-    report["image_ensemble_by_age_band"] = _by_age_band(y, probs, pred, list(data["age"]))
+    report["image_ensemble_by_age_band"] = _by_age_band(y, probs, pred, data["age"])
     report["deployed"] = bundle.manifest.selection["deployed"] if bundle.manifest.selection else bundle.manifest.predictor
-    report["image_value"] = image_value(outputs, y, list(data["age"]), list(data["sex"]),
-                                        list(data.get("t_score") or [None] * len(y)))
+    t_scores = data.get("t_score")
+    report["image_value"] = image_value(outputs, y, data["age"], data["sex"],
+                                        [None] * len(y) if t_scores is None else t_scores)
     report.update(referral_figures(bundle, data))  # triage zones and the T-score estimate
     return report
 
@@ -203,8 +203,8 @@ def run_evaluate(cfg: EvaluateConfig, store: Store | None = None) -> dict:
     store = store or Store.resolve(cfg.endpoint_url)
     ensure_ray()
     bundle = load_bundle(cfg.bundle, store=store)
-    rows = [r for r in load_split(cfg.split_dir, store) if r["split"] == cfg.split]
-    report = evaluate_arrays(bundle, load_training_data(rows, bundle.manifest.input_keys, store))
+    data, _ = load_split_data(cfg.split_dir, bundle.manifest.input_keys, store, splits=(cfg.split,))
+    report = evaluate_arrays(bundle, data)
     out_dir = cfg.out or join(cfg.bundle, "evaluation")
     store.write_bytes(join(out_dir, f"{cfg.split}.json"), json.dumps(report, indent=2, default=float).encode())
     store.write_parquet(pa.Table.from_pylist(report_rows(report)), join(out_dir, f"{cfg.split}.parquet"))

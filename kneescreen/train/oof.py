@@ -26,7 +26,7 @@ import ray
 from torch import nn
 
 from kneescreen.fileio.store import Store
-from kneescreen.labels import CLASSES
+from kneescreen.labels import CLASSES, to_floats
 from kneescreen.model.covariates import LogisticModel, covariate_features
 from kneescreen.model.ensemble import member_manifest
 from kneescreen.model.frozen import bake_head, extract_features, heads_out_of_fold
@@ -157,10 +157,11 @@ def member_out_of_fold(member: MemberSpec, dev: TrainingData, folds: np.ndarray,
 
 def covariate_out_of_fold(dev, folds: np.ndarray):
     """(out-of-fold probs, imputed mask, final model, age mean, age sd), or None without age/sex."""
-    ages = [a for a in dev["age"] if a is not None]
-    age_mean = float(np.mean(ages)) if ages else 65.0
+    age = to_floats(dev["age"])
+    ages = age[~np.isnan(age)]
+    age_mean = float(np.mean(ages)) if len(ages) else 65.0
     age_sd = float(np.std(ages)) if len(ages) > 1 and np.std(ages) > 0 else 12.0
-    x, imputed = covariate_features(dev["age"], dev["sex"], age_mean, age_sd)
+    x, imputed = covariate_features(age, dev["sex"], age_mean, age_sd)
     if (~imputed).sum() < MIN_COVARIATE_ROWS:
         return None
     y = dev["label"]

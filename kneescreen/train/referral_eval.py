@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 
+from kneescreen.labels import to_floats
 from kneescreen.model.bundle import Bundle
 from kneescreen.model.tscore import regression_summary
 from kneescreen.triage import zone_summary
@@ -31,7 +32,7 @@ def referral_rows(bundle: Bundle, data: dict) -> dict:
         pred = bundle.predict(data["images"], data["age"], data["sex"])
     y = np.asarray(data["label"], int)
     zone = pred.triage_zone if pred.triage_zone is not None else np.full(len(y), None, dtype=object)
-    t = np.array([np.nan if v is None else float(v) for v in data.get("t_score") or [None] * len(y)], float)
+    t = to_floats(data["t_score"]) if data.get("t_score") is not None else np.full(len(y), np.nan)
     return {"zone": zone, "t_est": pred.t_score_est, "t_lo": pred.t_score_lo, "t_hi": pred.t_score_hi,
             "low": y >= 1, "t": t}
 

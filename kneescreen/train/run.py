@@ -27,7 +27,7 @@ import ray
 
 from kneescreen._private.cluster import ensure_ray
 from kneescreen.config import dump_yaml, to_flat_dict
-from kneescreen.data.split.run import SplitConfig, load_split, run_split
+from kneescreen.data.split.run import SplitConfig, run_split
 from kneescreen.errors import KneescreenError
 from kneescreen.fileio.store import Store, join
 from kneescreen.model.bundle import save_bundle
@@ -35,7 +35,7 @@ from kneescreen.model.ensemble import CovariateFit, Targets, fit_ensemble, membe
 from kneescreen.model.manifest import BundleManifest
 from kneescreen.model.member_sets import choose_member_set
 from kneescreen.train.config import TrainConfig
-from kneescreen.train.data import TrainingData, load_training_data
+from kneescreen.train.data import TrainingData, load_split_data
 from kneescreen.train.evaluate import evaluate_bundle
 from kneescreen.train.oof import FeatureCache, covariate_out_of_fold, member_out_of_fold
 from kneescreen.train.recipe import input_keys, plan
@@ -52,13 +52,13 @@ def training_fingerprint(rows: list[dict]) -> str:
 
 
 def _load_split_data(cfg: TrainConfig, store: Store) -> tuple[str, TrainingData]:
-    """(training fingerprint, decoded rows); the split's row dicts are dropped once decoded."""
+    """(training fingerprint, decoded rows); the split is read as Arrow in a Ray task, never as
+    row dicts on the driver (`train.data.load_split_data`)."""
     split_dir = cfg.split_dir or join(cfg.out, "split")
     if not store.exists(join(split_dir, "split.csv")):
         run_split(cfg.data, split_dir, SplitConfig(seed=cfg.seed), store=store)
-    rows = load_split(split_dir, store)
-    inputs = input_keys(cfg)
-    return training_fingerprint(rows), load_training_data(rows, inputs, store)
+    data, info = load_split_data(split_dir, input_keys(cfg), store)
+    return info["fingerprint"], data
 
 
 def check_cluster(cfg: TrainConfig) -> None:

@@ -74,19 +74,31 @@ def _content_box(a: np.ndarray, tol: float = 0.01) -> tuple[int, int, int, int]:
     return int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1
 
 
-def _working_copy(image: np.ndarray) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """Small normalised copy of the content area, its scale (work px per native px) and the
-    content box's native (top, left) offset."""
-    h, w = image.shape
+def working_shape(shape: tuple[int, int]) -> tuple[float, tuple[int, int]]:
+    """(scale, (rows, cols)) of the working copy of an image of ``shape``: long side `_WORK_PX`
+    at most. A device can shrink its image to this shape itself and hand the small copy to
+    `locate_joints_small` (issue #22): only the small copy has to reach the CPU."""
+    h, w = shape
     s = min(1.0, _WORK_PX / max(h, w))
-    a = resize(image, (max(1, round(h * s)), max(1, round(w * s)))) if s < 1 else np.asarray(image, np.float32)
+    return s, (max(1, round(h * s)), max(1, round(w * s)))
+
+
+def shrink(image: np.ndarray) -> np.ndarray:
+    """The image resized to `working_shape` (PIL bilinear, antialiased), float32."""
+    s, shape = working_shape(image.shape)
+    return resize(image, shape) if s < 1 else np.asarray(image, np.float32)
+
+
+def _working_copy(small: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Normalised content area of the shrunk image and the content box's (top, left) in it."""
+    a = small
     t, b, lft, rgt = _content_box(a)
     a = a[t:b, lft:rgt]
     if min(a.shape, default=0) < 48:
         raise DecodeError("joint_not_found", f"image content too small to hold a knee ({a.shape})")
     lo, hi = np.percentile(a, [1, 99.5])
     a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-    return a, s, (t, lft)
+    return a, (t, lft)
 
 
 def _peaks(p: np.ndarray, min_prominence: float) -> list[int]:
@@ -253,9 +265,9 @@ def _confidence(k: dict) -> float:
     return float(strength * size * np.sqrt(prominence * span))
 
 
-def _candidates(image: np.ndarray) -> tuple[list[dict], float, tuple[int, int]]:
-    """All candidate knees of an image (working-copy pixels), the working scale and offset."""
-    a, s, off = _working_copy(image)
+def _candidates(small: np.ndarray) -> tuple[list[dict], tuple[int, int]]:
+    """All candidate knees of a shrunk image (working-copy pixels) and the content offset."""
+    a, off = _working_copy(small)
     bands = _knee_columns(a)
     levels = (otsu(a.ravel()), otsu3(a[::2, ::2].ravel())[0])
     out = []
@@ -266,7 +278,7 @@ def _candidates(image: np.ndarray) -> tuple[list[dict], float, tuple[int, int]]:
         k = _analyse_knee(a, band, (lo, hi), levels)
         k["confidence"] = _confidence(k)
         out.append(k)
-    return out, s, off
+    return out, off
 
 
 def locate_joints(image: np.ndarray, pixel_spacing: tuple[float, float] | None = None,
@@ -286,7 +298,15 @@ def locate_joints(image: np.ndarray, pixel_spacing: tuple[float, float] | None =
         DecodeError: ``joint_not_found`` when no knee reaches ``min_confidence``.
     """
     image = np.asarray(image, np.float32)
-    cands, s, (top, left) = _candidates(image)
+    return locate_joints_small(shrink(image), image.shape, pixel_spacing, min_confidence)
+
+
+def locate_joints_small(small: np.ndarray, shape: tuple[int, int], pixel_spacing=None,
+                        min_confidence: float = MIN_CONFIDENCE) -> list[JointLocation]:
+    """`locate_joints` from the image's working copy (`shrink`, or the same resize on a device)
+    and the native ``shape``; locations are in native pixels."""
+    s = working_shape(shape)[0]
+    cands, (top, left) = _candidates(np.asarray(small, np.float32))
     _logger.debug("knee candidates (working copy): %s", cands)
     good = [k for k in cands if k["confidence"] >= min_confidence]
     if not good:
@@ -303,7 +323,7 @@ def locate_joints(image: np.ndarray, pixel_spacing: tuple[float, float] | None =
         out.append(JointLocation(
             row=(k["row"] + top + 0.5) / s - 0.5, col=(k["col"] + left + 0.5) / s - 0.5,
             width_px=width, mm_per_px=mm, mm_source=src, confidence=round(k["confidence"], 3),
-            shape=(int(image.shape[0]), int(image.shape[1])), knees=len(good)))
+            shape=(int(shape[0]), int(shape[1])), knees=len(good)))
     return out
 
 
@@ -324,3 +344,9 @@ def locate_joint(image: np.ndarray, pixel_spacing: tuple[float, float] | None = 
         DecodeError: ``joint_not_found`` when no knee joint is found with enough confidence.
     """
     return max(locate_joints(image, pixel_spacing, min_confidence), key=lambda j: j.confidence)
+
+
+def locate_joint_small(small: np.ndarray, shape: tuple[int, int], pixel_spacing=None,
+                       min_confidence: float = MIN_CONFIDENCE) -> JointLocation:
+    """`locate_joint` from the working copy and native shape (see `locate_joints_small`)."""
+    return max(locate_joints_small(small, shape, pixel_spacing, min_confidence), key=lambda j: j.confidence)
