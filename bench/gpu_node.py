@@ -132,12 +132,13 @@ def _cpu_decode(paths: list[str], size: int) -> np.ndarray:
 def _extract(paths: list[str], encoded: bool) -> list:
     """Read + header parse; compressed frames cut out (``encoded``) or decoded to stored pixels."""
     from kneescreen.fileio.frame_extract import extract_frame
-    from kneescreen.fileio.frames import DEVICE_CODECS
+    from kneescreen.fileio.frames import DEVICE_CODECS, EncodedFrame
 
     out = []
     for p in paths:
         ex = extract_frame(_read(p), codecs=DEVICE_CODECS if encoded else ())
-        out.append((ex.encoded, ex.stored, ex.facts))
+        compressed = isinstance(ex.pixels, EncodedFrame)
+        out.append((ex.pixels if compressed else None, None if compressed else ex.pixels, ex.facts))
     return out
 
 

@@ -26,7 +26,7 @@ from kneescreen.fileio.frame_decoders import (
 from kneescreen.fileio.frame_extract import extract_frame
 from kneescreen.fileio.frames import FRAME_DECODE_FAILED, EncodedFrame
 from kneescreen.fileio.radiograph import pixel_hash
-from kneescreen.fileio.reader import read_radiograph
+from kneescreen.fileio.reader import read_radiograph, read_stored
 
 FILES = dicom_test_files()
 
@@ -129,20 +129,28 @@ EXTRACTS = {
 }
 
 
+def _encoded(ex) -> EncodedFrame | None:
+    return ex.pixels if isinstance(ex.pixels, EncodedFrame) else None
+
+
 @pytest.mark.parametrize("name", sorted(EXTRACTS))
 def test_extract_hands_on_the_reader_pixels(name):
-    """Encoded frames decode (CPU decoder) and stored arrays are, to the pixel hash, what
-    `read_radiograph` decodes from the same bytes."""
+    """Encoded frames decode (CPU decoder) to what `read_radiograph` decodes from the same bytes
+    (pixel hash); everything else is exactly `read_stored`'s frame, facts and meta."""
     data = _data(name)
     ex = extract_frame(data)
-    assert (ex.encoded.codec if ex.encoded else None) == EXTRACTS[name]
-    assert (ex.encoded is None) != (ex.stored is None)
-    stored = CpuFrameDecoder().decode([ex.encoded])[0] if ex.encoded else ex.stored
-    assert isinstance(stored, np.ndarray), stored
-    radiograph = read_radiograph(data)
-    assert pixel_hash(stored) == radiograph.pixel_hash
-    assert (ex.facts.rows, ex.facts.columns) == (radiograph.meta.rows, radiograph.meta.cols)
-    assert ex.facts.photometric == radiograph.meta.photometric
+    enc = _encoded(ex)
+    assert (enc.codec if enc else None) == EXTRACTS[name]
+    stored = read_stored(data)
+    assert ex.meta == stored.meta
+    if enc is None:
+        assert np.array_equal(ex.pixels, stored.pixels) and ex.facts == stored.facts
+        return
+    pixels = CpuFrameDecoder().decode([enc])[0]
+    assert isinstance(pixels, np.ndarray), pixels
+    assert pixel_hash(pixels) == read_radiograph(data).pixel_hash
+    assert np.array_equal(pixels, stored.pixels)
+    assert ex.facts == stored.facts == enc.facts
 
 
 def test_facts_carry_the_display_header():
@@ -156,7 +164,7 @@ def test_facts_carry_the_display_header():
     assert (facts.window_center, facts.window_width) == (2000.0, 4000.0)
     assert (facts.rescale_slope, facts.rescale_intercept) == (2.0, -10.0)
     assert facts.pixel_spacing == (0.1, 0.12) and facts.bits_stored == 12 and not facts.signed
-    assert extract_frame(buf.getvalue()).encoded.bits_allocated == 16
+    assert extract_frame(buf.getvalue()).pixels.bits_allocated == 16
 
 
 @pytest.mark.parametrize("data, code", [
@@ -176,7 +184,7 @@ def test_extract_refuses_bad_files_with_the_reader_codes(data, code):
 
 def test_codecs_empty_decodes_everything_in_the_task():
     ex = extract_frame(_file("RG3_J2KR.dcm"), codecs=())
-    assert ex.encoded is None and pixel_hash(ex.stored) == read_radiograph(_file("RG3_J2KR.dcm")).pixel_hash
+    assert _encoded(ex) is None and pixel_hash(ex.pixels) == read_radiograph(_file("RG3_J2KR.dcm")).pixel_hash
 
 
 # --- fallback ----------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ class FlakyDevice:
 
 
 def _frames(*names: str) -> list[EncodedFrame]:
-    return [extract_frame(_data(n)).encoded for n in names]
+    return [extract_frame(_data(n)).pixels for n in names]
 
 
 def test_fallback_decodes_failed_frames_on_the_cpu_with_the_same_pixels():

@@ -41,7 +41,7 @@ def _max_diff(a, b) -> int:
 
 @pytest.mark.parametrize("name", LOSSLESS + LOSSY)
 def test_gpu_decode_matches_the_cpu_decoder(name):
-    frame = extract_frame(_data(name)).encoded
+    frame = extract_frame(_data(name)).pixels
     got = NvImageCodecDecoder("cuda").decode([frame])[0]
     assert not isinstance(got, BaseException), f"{name}: {got!r}"  # decoded on the GPU, no fallback
     assert got.device.type == "cuda"
@@ -56,12 +56,12 @@ def test_htj2k_decodes_on_the_gpu_like_openjpeg():
     from nvidia import nvimgcodec
 
     base = extract_frame(_data("RG3_J2KR.dcm"))
-    pixels = CpuFrameDecoder().decode_one(base.encoded)
+    pixels = CpuFrameDecoder().decode_one(base.pixels)
     params = nvimgcodec.EncodeParams(
         quality_type=nvimgcodec.QualityType.LOSSLESS,
         jpeg2k_encode_params=nvimgcodec.Jpeg2kEncodeParams(ht=True, bitstream_type=nvimgcodec.Jpeg2kBitstreamType.J2K))
     stream = nvimgcodec.Encoder().encode(pixels[..., None], "jpeg2k", params=params)
-    frame = dataclasses.replace(base.encoded, data=bytes(stream), codec="htj2k", transfer_syntax="1.2.840.10008.1.2.4.201")
+    frame = dataclasses.replace(base.pixels, data=bytes(stream), codec="htj2k", transfer_syntax="1.2.840.10008.1.2.4.201")
     got = NvImageCodecDecoder("cuda").decode([frame])[0]
     assert not isinstance(got, BaseException), repr(got)
     assert _max_diff(got, pixels) == 0

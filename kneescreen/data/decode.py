@@ -72,6 +72,8 @@ class DecodeSpec:
         max_pixels: decompression-bomb guard handed to the reader.
         header_triage: read a DICOM object's header first and the rest only when policy keeps
             the object (``bytes_read`` shows what it saved); False reads every object whole.
+        frame_decode: with the device path (`decode_stored`), ``task`` decodes every frame here;
+            ``actor`` leaves frames of the device codecs compressed for the inference actor.
     """
 
     store: Store
@@ -84,6 +86,7 @@ class DecodeSpec:
     body_part_policy: str = "skip"
     max_pixels: int = 64_000_000
     header_triage: bool = True
+    frame_decode: str = "task"
 
 
 def load_side_table(store: Store, uri: str | None) -> dict[str, dict]:

@@ -7,7 +7,9 @@ pydicom plugins, as today) and the `FrameFacts` that the actor's device needs fo
 transform, letterbox, ROI and tiles (`data.device_preprocess`). Rows, statuses, error codes and
 metadata columns are `decode_batch`'s, except the two checks that need the display image or the
 pixels, which move to the actor: ``implausible_pixels`` (for plain stored values) and
-``joint_not_found``. The output is a sequence of blocks bounded by frame bytes
+``joint_not_found``. With ``spec.frame_decode == "actor"`` frames of the device codecs stay
+compressed (`kneescreen.fileio.frame_extract`) and the actor decodes them. The output is a
+sequence of blocks bounded by frame bytes
 (`frame_block.RAW_BLOCK_BYTES`), not rows: 32 full-size films are 320 MB.
 """
 
@@ -19,6 +21,9 @@ from typing import Iterator
 from kneescreen.data.decode import META_COLUMNS, DecodeSpec, describe, read_one
 from kneescreen.data.frame_block import RAW_BLOCK_BYTES, frame_columns, frame_nbytes
 from kneescreen.errors import DecodeError
+from kneescreen.fileio.frame_decoders import CpuFrameDecoder
+from kneescreen.fileio.frame_extract import extract_frame
+from kneescreen.fileio.frames import EncodedFrame
 from kneescreen.fileio.plausibility import check_plausible
 from kneescreen.fileio.reader import ReaderConfig, read_stored
 from kneescreen.fileio.store import join
@@ -27,11 +32,16 @@ from kneescreen.fileio.store import join
 def _row(spec: DecodeSpec, key: str, uri: str, cfg: ReaderConfig, etag: str | None) -> tuple[dict, object]:
     """One object -> (metadata row, `StoredFrame` or None); reads pinned to ``etag`` when given."""
     t0 = time.perf_counter()
-    status, code, msg, meta, sf, nbytes = read_one(spec, uri, cfg, etag, read=read_stored)
+    read = extract_frame if spec.frame_decode == "actor" else read_stored
+    status, code, msg, meta, sf, nbytes = read_one(spec, uri, cfg, etag, read=read)
     if status == "skipped" and sf is not None and not sf.facts.checked:
-        # The CPU path decides plausibility before the skip policy for objects read whole.
+        # The CPU path decides plausibility before the skip policy for objects read whole (a
+        # compressed frame is decoded for it here: a skipped row never reaches the actor).
         try:
-            check_plausible(sf.pixels, cfg)
+            pixels = sf.pixels
+            if isinstance(pixels, EncodedFrame):
+                pixels = CpuFrameDecoder().decode_one(pixels)
+            check_plausible(pixels, cfg)
         except DecodeError as exc:
             status, code, msg = "error", exc.error_code, exc.message
     row = {"status": status, "error_code": code, "message": msg, "bytes_read": nbytes,

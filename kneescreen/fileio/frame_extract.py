@@ -1,34 +1,32 @@
 """A radiograph's pixels, stopped short of decoding where a device can decode them (issue #22).
 
-`extract_frame(data)` parses a DICOM header (or a PNG / JPEG file's) with the same checks as
-`read_radiograph`, then hands back the `FrameFacts` and either
+`extract_frame(data)` is `kneescreen.fileio.reader.read_stored` (same checks, errors and
+`FrameFacts`) except that its `StoredFrame.pixels` is one `EncodedFrame`, left compressed for
+the inference actor's decoder, where a device decoder takes the codec:
 
-- one `EncodedFrame`: frame 0's codestream of a grayscale DICOM whose transfer syntax a device
-  decoder takes (`DICOM_CODECS`: JPEG 2000 and HTJ2K, baseline JPEG, JPEG lossless), or a whole
-  8/16-bit grayscale PNG or 8-bit grayscale JPEG file; or
-- the stored pixel values, decoded here by the reader's pinned CPU decoders: uncompressed DICOM,
-  JPEG-LS, RLE, 12-bit (extended) JPEG, colour objects, and any file a device decoder would not
-  decode to the reader's pixels (palette / colour / low-bit PNG, colour JPEG, files with EXIF).
+- frame 0's codestream of a grayscale DICOM whose transfer syntax maps to `DICOM_CODECS`
+  (JPEG 2000 and HTJ2K, baseline JPEG, JPEG lossless), unless a Modality or VOI LUT sequence
+  must be applied first (pydicom does that on the CPU);
+- a whole 8/16-bit grayscale PNG or 8-bit grayscale JPEG file without EXIF.
 
-Plausibility (blank image, decoder noise) is not checked here: it needs decoded pixels, so
-whoever decodes checks them. Errors are `DecodeError` with the reader's codes.
+Everything else (uncompressed DICOM, JPEG-LS, RLE, 12-bit extended JPEG, colour, palette or
+low-bit PNG) is decoded here by the reader's pinned CPU decoders, as `read_stored` does.
+Plausibility (blank image, decoder noise) needs decoded pixels: whoever decodes checks it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-
-import numpy as np
 from pydicom.encaps import get_frame
 
 from kneescreen.errors import DecodeError
 from kneescreen.fileio.dicom.header import GRAY, check_image_header, parse_header
 from kneescreen.fileio.dicom.meta import dicom_meta
 from kneescreen.fileio.dicom.pixels import J2K_SYNTAXES, check_j2k_header, decode_pixels
-from kneescreen.fileio.frames import DEVICE_CODECS, EncodedFrame, FrameFacts
+from kneescreen.fileio.dicom.stored import encoded_facts, stored_frame
+from kneescreen.fileio.frames import DEVICE_CODECS, EncodedFrame, FrameFacts, StoredFrame
 from kneescreen.fileio.radiograph import RadiographMeta, ReaderConfig
-from kneescreen.fileio.raster import PNG_MAGIC, is_raster, open_raster, raster_stored
+from kneescreen.fileio.raster import PNG_MAGIC, open_raster, read_raster_stored
+from kneescreen.fileio.reader import _guarded
 
 # Transfer syntax -> codec of `DEVICE_CODECS`. Absent, on purpose: JPEG extended (4.51, 12-bit),
 # JPEG-LS (4.80/4.81), RLE (1.2.5): no GPU codec decodes them; native syntaxes need no decoding.
@@ -44,66 +42,22 @@ DICOM_CODECS = {
 }
 
 
-@dataclasses.dataclass
-class ExtractedFrame:
-    """What `extract_frame` found: exactly one of ``encoded`` and ``stored`` is set."""
-
-    facts: FrameFacts
-    meta: RadiographMeta
-    encoded: EncodedFrame | None = None
-    stored: np.ndarray | None = None
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-
 def extract_frame(data: bytes, config: ReaderConfig = ReaderConfig(), *,
-                  codecs: tuple[str, ...] = DEVICE_CODECS) -> ExtractedFrame:
-    """Header facts and either one encoded frame (codec in ``codecs``) or the stored pixels.
+                  codecs: tuple[str, ...] = DEVICE_CODECS) -> StoredFrame:
+    """`read_stored`, with frames of a codec in ``codecs`` left compressed.
 
     Args:
         data: the whole file or object.
         config: the reader's limits and policies (max pixels, multi-frame policy).
-        codecs: codecs to hand on encoded; ``()`` decodes everything here (the stored pixels).
+        codecs: codecs to hand on encoded; ``()`` is `read_stored` (the stored pixels).
+
+    Returns:
+        A `StoredFrame` whose ``pixels`` is an `EncodedFrame` or the 2-D stored values.
 
     Raises:
         DecodeError: the reader's codes for a bad file.
     """
-    try:
-        data = bytes(data)
-        if not data:
-            raise DecodeError("truncated", "file is empty (0 bytes)")
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            if is_raster(data):
-                return _extract_raster(data, config, codecs)
-            return _extract_dicom(data, config, codecs)
-    except DecodeError:
-        raise
-    except MemoryError as exc:
-        raise DecodeError("too_large", f"ran out of memory decoding the image: {exc}") from None
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - as read_radiograph: a typed error row, never a crash
-        raise DecodeError("decode_failed", f"{type(exc).__name__}: {exc}"[:500]) from None
-
-
-def dicom_facts(ds, meta: RadiographMeta) -> FrameFacts:
-    """The display facts of a DICOM header (first window when several are given)."""
-    def first(name: str) -> float | None:
-        value = ds.get(name)
-        if value is None or value == "":
-            return None
-        try:
-            return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-
-    slope, intercept = first("RescaleSlope"), first("RescaleIntercept")
-    return FrameFacts(
-        rows=meta.rows, columns=meta.cols, bits_stored=int(meta.bits_stored or ds.get("BitsAllocated") or 16),
-        signed=int(ds.get("PixelRepresentation", 0) or 0) == 1, photometric=meta.photometric or "",
-        rescale_slope=1.0 if slope is None else slope, rescale_intercept=0.0 if intercept is None else intercept,
-        window_center=first("WindowCenter"), window_width=first("WindowWidth"), pixel_spacing=meta.pixel_spacing,
-    )
+    return _guarded(data, config, lambda d, c: _extract_raster(d, c, codecs), lambda d, c: _extract_dicom(d, c, codecs))
 
 
 def first_frame(ds, meta: RadiographMeta) -> bytes:
@@ -117,35 +71,34 @@ def first_frame(ds, meta: RadiographMeta) -> bytes:
         raise DecodeError("truncated", f"encapsulated pixel data holds no readable frame: {exc}"[:500]) from None
 
 
-def _extract_dicom(data: bytes, config: ReaderConfig, codecs: tuple[str, ...]) -> ExtractedFrame:
+def _extract_dicom(data: bytes, config: ReaderConfig, codecs: tuple[str, ...]) -> StoredFrame:
     ds, notes = parse_header(data)
     meta = dicom_meta(ds)
     notes += check_image_header(ds, meta, config)
     tsyntax = meta.transfer_syntax
     if tsyntax in J2K_SYNTAXES:
         check_j2k_header(ds, meta)  # size / sign mismatches are refused whoever decodes
-    facts = dicom_facts(ds, meta)
     codec = DICOM_CODECS.get(tsyntax or "")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if codec in codecs and meta.photometric in GRAY and samples == 1:
-        frame = EncodedFrame(data=first_frame(ds, meta), codec=codec, facts=facts, transfer_syntax=tsyntax,
-                             bits_allocated=int(ds.BitsAllocated))
-        return ExtractedFrame(facts=facts, meta=meta, encoded=frame, warnings=notes)
-    return ExtractedFrame(facts=facts, meta=meta, stored=decode_pixels(ds, tsyntax), warnings=notes)
+    if codec in codecs and meta.photometric in GRAY and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        facts = encoded_facts(ds, meta)
+        if facts is not None:
+            frame = EncodedFrame(data=first_frame(ds, meta), codec=codec, facts=facts, transfer_syntax=tsyntax,
+                                 bits_allocated=int(ds.BitsAllocated))
+            return StoredFrame(frame, facts, meta, notes)
+    return stored_frame(ds, meta, notes, decode_pixels(ds, tsyntax), config)
 
 
-def _extract_raster(data: bytes, config: ReaderConfig, codecs: tuple[str, ...]) -> ExtractedFrame:
+def _extract_raster(data: bytes, config: ReaderConfig, codecs: tuple[str, ...]) -> StoredFrame:
     im, fmt = open_raster(data, config)
     bits = _device_raster_bits(data, im, fmt)
-    if bits and fmt in codecs:
-        cols, rows = im.size
-        facts = FrameFacts(rows=rows, columns=cols, bits_stored=bits, signed=False, photometric="MONOCHROME2")
-        meta = RadiographMeta(format=fmt, rows=rows, cols=cols, photometric="MONOCHROME2", bits_stored=bits)
-        return ExtractedFrame(facts=facts, meta=meta, encoded=EncodedFrame(data=data, codec=fmt, facts=facts))
-    stored, meta, notes = raster_stored(data, config)
-    facts = FrameFacts(rows=meta.rows, columns=meta.cols, bits_stored=meta.bits_stored or 16, signed=False,
-                       photometric="MONOCHROME2")
-    return ExtractedFrame(facts=facts, meta=meta, stored=stored, warnings=notes)
+    if not (bits and fmt in codecs):
+        return read_raster_stored(data, config)
+    cols, rows = im.size
+    # As `read_raster_stored`: 8-bit values are divided by 255, 16-bit ones windowed.
+    facts = FrameFacts(rows=rows, columns=cols, bits_stored=bits, signed=False, photometric="MONOCHROME2",
+                       display_scale=255.0 if bits == 8 else None)
+    meta = RadiographMeta(format=fmt, rows=rows, cols=cols, photometric="MONOCHROME2", bits_stored=bits)
+    return StoredFrame(EncodedFrame(data=data, codec=fmt, facts=facts), facts, meta, [])
 
 
 def _device_raster_bits(data: bytes, im, fmt: str) -> int:

@@ -68,6 +68,14 @@ class ScreenConfig:
     preprocess: str | None = opt(None, "where the display transform and resizing run: cpu (decode tasks) or "
                                  "device (the inference actor, with torch); default device with --use-gpu, "
                                  "else cpu", choices=("cpu", "device"))
+    # With --preprocess device: where compressed frames (JPEG 2000 / HTJ2K, baseline and lossless
+    # JPEG DICOM, grayscale PNG / JPEG files) are decoded. task: the CPU decode tasks, as always.
+    # actor: the inference actor, with nvImageCodec on its GPU (the gpu extra) and the CPU
+    # decoders per frame where that fails (kneescreen.fileio.frame_decoders); the tasks only read
+    # and parse headers. JPEG-LS, RLE and 12-bit JPEG are decoded in the tasks either way.
+    frame_decode: str = opt("task", "with --preprocess device: decode compressed frames in the CPU decode tasks "
+                            "(task) or on the inference actor's GPU, CPU fallback per frame (actor)",
+                            choices=("task", "actor"))
     body_part_policy: str = opt("skip", "skip: non-knee DICOM (BodyPartExamined) becomes a skipped row",
                                 choices=("skip", "keep"))
     # Most bytes of a mixed PACS export can be CTs and chest films: reading each DICOM header
@@ -99,6 +107,11 @@ class ScreenConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise KneescreenError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.frame_decode not in ("task", "actor"):
+            raise KneescreenError(f"--frame-decode must be task or actor, not {self.frame_decode!r}")
+        if self.frame_decode == "actor" and self.resolved_preprocess != "device":
+            raise KneescreenError("--frame-decode actor needs --preprocess device (the actor decodes frames only "
+                                  "where it also preprocesses them); add --preprocess device or --use-gpu")
         if self.decode_rate is not None and not self.decode_rate > 0:
             raise KneescreenError(f"--decode-rate must be a positive images/s, not {self.decode_rate}")
         if self.max_retries < 0:

@@ -4,9 +4,11 @@ Decode tasks hand the actor stored pixel values and their `FrameFacts` (`data.de
 blocks laid out by `data.frame_block`); `DevicePreprocessor` turns a batch of them into the
 members' uint8 inputs on the actor's device (`data.device_preprocess.preprocess_stored`: display
 transform, plausibility, letterbox, ROI and tiles), and turns frames that fail there into error
-rows, as the CPU path's decode task would have. `preprocess_stored` is the seam for decoding on
-the actor too: whoever decodes frames there (a GPU decoder) hands it the decoded arrays or
-tensors with the same facts.
+rows, as the CPU path's decode task would have. With ``--frame-decode actor`` some frames arrive
+compressed (`EncodedFrame`); `DevicePreprocessor` decodes them first, in one batch, with the
+device's frame decoder (`kneescreen.fileio.frame_decoders.best_decoder`: nvImageCodec on a GPU,
+falling back to the CPU decoders per frame), and hands the arrays or tensors to
+`preprocess_stored` with the same facts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 from kneescreen.data.device_preprocess import preprocess_stored
 from kneescreen.data.frame_block import frames_from_batch
-from kneescreen.fileio.frames import FrameFacts
+from kneescreen.fileio.frame_decoders import best_decoder, result_error
+from kneescreen.fileio.frames import EncodedFrame, FrameFacts
 
 
 class DevicePreprocessor:
@@ -29,9 +32,32 @@ class DevicePreprocessor:
         device: torch device ("cuda", "cpu", ...).
     """
 
-    def __init__(self, keys, device: str = "cpu"):
+    def __init__(self, keys, device: str = "cpu", decoder=None):
         self.keys = tuple(keys)
         self.device = device
+        self._decoder = decoder  # for compressed frames (--frame-decode actor); chosen on first use
+
+    @property
+    def decoder(self):
+        """The frame decoder: `best_decoder` for this device (nvImageCodec with CPU fallback on
+        a GPU where installed, else the CPU decoders), created on the first compressed frame."""
+        if self._decoder is None:
+            self._decoder = best_decoder(self.device)
+        return self._decoder
+
+    def decode_frames(self, frames: list) -> tuple[list, list]:
+        """Compressed frames decoded in one batch: (frames with arrays / tensors in their place,
+        per-frame (error_code, message) or None). A frame no decoder takes is an error row
+        (`frame_decode_failed`, or the CPU decoder's own code on CPU actors), never a failed batch."""
+        idx = [i for i, f in enumerate(frames) if isinstance(f, EncodedFrame)]
+        errors: list = [None] * len(frames)
+        if not idx:
+            return frames, errors
+        frames = list(frames)
+        for i, result in zip(idx, self.decoder.decode([frames[i] for i in idx])):
+            errors[i] = result_error(result)
+            frames[i] = None if errors[i] else result
+        return frames, errors
 
     def preprocess_stored(self, frames: list, facts: list[FrameFacts | None]):
         """(inputs, errors) for frames given as NumPy arrays or device tensors (None: blank row);
@@ -43,10 +69,12 @@ class DevicePreprocessor:
         device time added to ``decode_ms``, input key -> uint8 tensor with one row per row)."""
         t0 = time.perf_counter()
         frames, facts = frames_from_batch(batch)
+        frames, decode_errors = self.decode_frames(frames)
         inputs, errors = self.preprocess_stored(frames, facts)
+        errors = [d or e for d, e in zip(decode_errors, errors)]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        has = [f is not None for f in frames]
+        has = [f is not None or d is not None for f, d in zip(frames, decode_errors)]
         per_row = (time.perf_counter() - t0) * 1000 / max(1, sum(has))
         return with_errors(batch, errors, has, per_row), inputs
 

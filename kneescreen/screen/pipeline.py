@@ -71,7 +71,7 @@ def build_dataset(cfg: ScreenConfig, store: Store, bundle: Bundle, chunk_uris: l
                       reference=ray.put(load_side_table(store, cfg.reference)),
                       metadata=ray.put(load_side_table(store, cfg.metadata)),
                       body_part_policy=cfg.body_part_policy, max_pixels=cfg.max_pixels,
-                      header_triage=cfg.header_triage)
+                      header_triage=cfg.header_triage, frame_decode=cfg.frame_decode if device else "task")
     return (
         # One row per scratch chunk, read by a plain task and split into decode-sized blocks.
         # (read_parquet would spend seconds of start-up on file discovery and footers for a

@@ -71,6 +71,21 @@ def read_dicom_stored(data: bytes, config: ReaderConfig) -> StoredFrame:
     """A whole DICOM object -> `StoredFrame` (the errors of `read.read_dicom`, except that the
     plausibility checks of plain stored values are left to the device)."""
     ds, meta, notes, stored = decode_stored(data, config)
+    return stored_frame(ds, meta, notes, stored, config)
+
+
+def encoded_facts(ds, meta: RadiographMeta) -> FrameFacts | None:
+    """The facts of a grayscale frame left compressed for the actor to decode (`frame_extract`);
+    None where the display needs a table lookup first (Modality / VOI LUT sequences, applied
+    here on the CPU by pydicom)."""
+    if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
+        return None
+    shape = np.empty((meta.rows, meta.cols, 0), np.uint8)  # _facts reads the frame's shape only
+    return _facts(ds, meta, shape, **_rescale(ds), **_window(ds))
+
+
+def stored_frame(ds, meta: RadiographMeta, notes: list[str], stored: np.ndarray, config: ReaderConfig) -> StoredFrame:
+    """Frame 0's decoded values -> `StoredFrame` (LUTs and colour applied here, see above)."""
     if is_colour(stored, meta.photometric):
         notes.append(f"{meta.photometric} object converted to luminance")
         lum, bits = luminance(stored, ds)
