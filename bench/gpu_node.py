@@ -97,7 +97,7 @@ def build_archive(work: str, n: int, side: int, procs: int) -> list[str]:
     """The archive's paths, built unless --work already holds the same one."""
     arch = os.path.join(work, "archive")
     stamp = os.path.join(work, "archive.json")
-    want = {"n": n, "side": side, "kinds": KINDS}
+    want = {"n": n, "side": side, "kinds": list(KINDS)}  # as JSON reads it back
     paths = [os.path.join(arch, f"{i:06d}-{KINDS[i % len(KINDS)]}.dcm") for i in range(n)]
     if os.path.exists(stamp) and json.load(open(stamp)) == want and all(map(os.path.exists, paths)):
         return paths
