@@ -13,6 +13,11 @@ import pytest
 
 # A fixed pseudonym key for tests; production reads a secret (kneescreen.fileio.privacy).
 os.environ.setdefault("KNEESCREEN_PSEUDONYM_KEY", "test-only-key-0123456789abcdef")
+# Ray Train V2's controller polls its workers every 2 s by default; every fine-tuning run in the
+# suite (about thirty, most a few seconds of work) waits on that poll to start and to finish.
+# Polling faster changes no result, only the idle time (measured: ~17 s -> ~14 s per run here).
+# Set before any Ray starts, so the shared instance, jobs and clusters the tests start inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 DEV_SET = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "knee-xray-dev")
 

@@ -14,7 +14,9 @@ import pytest
 
 from kneescreen.fileio.store import Store, join
 from kneescreen.screen.ledger import committed_runs
-from kneescreen.screen.patients import patients_of, write_patients
+from kneescreen.errors import KneescreenError
+from kneescreen.screen import patients
+from kneescreen.screen.patients import choose_engine, patients_of, prediction_files, write_patients
 from kneescreen.screen.pipeline import run_screen
 from kneescreen.screen.config import ScreenConfig
 from kneescreen.screen.schema import PATIENTS, PREDICTIONS
@@ -83,18 +85,43 @@ def test_undated_studies_count_as_older():
     assert t.column("deciding_key").to_pylist() == ["x/2"] and t.column("n_studies").to_pylist() == [2]
 
 
-def test_ray_groupby_matches_the_in_memory_rule(ray_local, tmp_path):
+def _two_runs(tmp_path) -> list[str]:
     store = Store.resolve()
     older, newer = _table(ROWS[:4] + ROWS[6:]), _table(ROWS[4:6])
     store.write_parquet(older, str(tmp_path / "predictions" / "run_id=r1" / "part-0.parquet"))
     store.write_parquet(newer, str(tmp_path / "predictions" / "run_id=r2" / "part-0.parquet"))
-    dest = write_patients(store, str(tmp_path), [str(tmp_path / "predictions" / f"run_id={r}") for r in ("r1", "r2")],
-                          "snap", "v9")
+    return [str(tmp_path / "predictions" / f"run_id={r}") for r in ("r1", "r2")]
+
+
+def _matches_the_rule(tmp_path, engine: str) -> None:
+    dest = write_patients(Store.resolve(), str(tmp_path), _two_runs(tmp_path), "snap", "v9", engine=engine)
     got = pads.dataset(dest, format="parquet", partitioning=None).to_table()
     assert got.schema == PATIENTS
     want = patients_of(_table(ROWS), "snap", "v9")
     assert sorted(got.to_pylist(), key=lambda r: r["deciding_key"]) == sorted(want.to_pylist(),
                                                                                 key=lambda r: r["deciding_key"])
+
+
+def test_ray_groupby_matches_the_in_memory_rule(ray_local, tmp_path):
+    _matches_the_rule(tmp_path, "ray")
+
+
+def test_in_process_grouping_matches_the_in_memory_rule(tmp_path):
+    _matches_the_rule(tmp_path, "local")
+
+
+def test_auto_groups_small_states_in_process_and_large_ones_on_ray(tmp_path, monkeypatch):
+    store = Store.resolve()
+    files = prediction_files(store, _two_runs(tmp_path))  # 9 rows in 2 files
+    assert choose_engine(store, files) == "local"
+    monkeypatch.setattr(patients, "LOCAL_MAX_ROWS", 8)
+    assert choose_engine(store, files) == "ray"
+    monkeypatch.setattr(patients, "LOCAL_MAX_ROWS", 9)
+    monkeypatch.setattr(patients, "LOCAL_MAX_FILES", 1)
+    assert choose_engine(store, files) == "ray"
+    assert choose_engine(store, files, "local") == "local"
+    with pytest.raises(KneescreenError, match="patients engine must be one of"):
+        choose_engine(store, files, "spark")
 
 
 def _snapshot(output: str, run_id: str) -> dict:

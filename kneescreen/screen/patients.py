@@ -8,7 +8,9 @@
 The archive's state is the latest committed ``ok`` prediction of every object key, across runs
 and model versions (latest by ``screened_at``, then run id): an incremental rescan screens only
 new or changed objects, so the earlier runs' rows still describe the rest. Both groupings run as
-Ray Data shuffles; the driver holds only the file list.
+Ray Data shuffles and the driver holds only the file list; a small state (at most
+`LOCAL_MAX_FILES` files and `LOCAL_MAX_ROWS` rows by their footers) is grouped in process by the
+same two functions instead, because two shuffles cost seconds of fixed overhead per run.
 
 Aggregation rule (`AGGREGATION_RULE`): the patient's prediction is that of the **highest-risk
 film of the latest study**. The latest study, because bone density only changes over time and a
@@ -43,6 +45,9 @@ AGGREGATION_RULE = ("the highest-risk film of the latest study (by study date; u
 STATE_COLUMNS = ("key", "status", "patient_pseudo_id", "study_pseudo_id", "study_date", "laterality", "risk_score",
                  "p_osteoporosis", "predicted_class", "low_bmd_flag", "triage_zone", "t_score_est", "t_score_lo", "t_score_hi",
                  "predictor", "model_version", "run_id", "reference_label", "reference_t_score", "screened_at")
+LOCAL_MAX_FILES = 64  # engine "auto": at most this many predictions files ...
+LOCAL_MAX_ROWS = 20_000  # ... holding at most this many rows are grouped in process
+ENGINES = ("auto", "local", "ray")
 STATE_SCHEMA = pa.schema([PREDICTIONS.field(c) for c in STATE_COLUMNS] + [pa.field("patient_group", pa.string())])
 
 
@@ -142,16 +147,57 @@ def build_patients(store: Store, files: list[str], run_id: str, model_version: s
     )
 
 
-def write_patients(store: Store, output: str, prediction_uris: list[str], run_id: str, model_version: str) -> str:
+def _groups(table: pa.Table, column: str):
+    """The rows of ``table`` sharing each value of ``column``, one slice per value (sorted)."""
+    ordered = table.sort_by([(column, "ascending")])
+    values = ordered.column(column).to_pylist()
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield ordered.slice(start, i - start)
+            start = i
+
+
+def patients_in_process(store: Store, files: list[str], run_id: str, model_version: str) -> pa.Table:
+    """`build_patients` without Ray: the same per-file read and the same two group functions."""
+    state = pa.concat_tables([read_state_file(pa.table({"file": [f]}), store) for f in files])
+    latest = [latest_ok(g) for g in _groups(state, "key")]
+    latest = pa.concat_tables(latest) if latest else STATE_SCHEMA.empty_table()
+    rows = [aggregate_patient(g, run_id, model_version) for g in _groups(latest, "patient_group")]
+    return pa.concat_tables(rows) if rows else PATIENTS.empty_table()
+
+
+def choose_engine(store: Store, files: list[str], engine: str = "auto") -> str:
+    """``local`` for a small state (`LOCAL_MAX_FILES`, `LOCAL_MAX_ROWS` from the footers), else ``ray``."""
+    if engine not in ENGINES:
+        raise KneescreenError(f"patients engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine != "auto":
+        return engine
+    if len(files) > LOCAL_MAX_FILES:
+        return "ray"
+    rows = 0
+    for f in files:
+        rows += store.count_parquet_rows(f)
+        if rows > LOCAL_MAX_ROWS:
+            return "ray"
+    return "local"
+
+
+def write_patients(store: Store, output: str, prediction_uris: list[str], run_id: str, model_version: str,
+                   engine: str = "auto") -> str:
     """Compute the snapshot and write it under ``patients/``; returns its folder.
 
     Args:
         prediction_uris: the predictions folders of every committed run and of this run.
+        engine: ``ray`` (two Ray Data shuffles), ``local`` (in process) or ``auto`` (`choose_engine`).
     """
     dest = join(output, "patients", f"model_version={model_version}", f"run_id={run_id}")
     files = prediction_files(store, prediction_uris)
     if not files:
         store.write_parquet(PATIENTS.empty_table(), join(dest, "patients.parquet"))
+        return dest
+    if choose_engine(store, files, engine) == "local":
+        store.write_parquet(patients_in_process(store, files, run_id, model_version), join(dest, "patients.parquet"))
         return dest
     ds = build_patients(store, files, run_id, model_version)
     fs, path = store.filesystem(dest)
