@@ -109,15 +109,28 @@ def aggregate_patient(group: pa.Table, run_id: str, model_version: str) -> pa.Ta
     return pa.Table.from_pylist([out], schema=PATIENTS)
 
 
-def patients_of(predictions: pa.Table, run_id: str, model_version: str) -> pa.Table:
-    """The whole computation in memory (reference form for small tables and tests)."""
-    state = state_rows(predictions)
-    latest = [latest_ok(state.filter(pc.equal(state.column("key"), k)))
-              for k in pc.unique(state.column("key")).to_pylist()]
+def _groups(table: pa.Table, column: str):
+    """The rows of ``table`` sharing each value of ``column``, one slice per value (sorted)."""
+    ordered = table.sort_by([(column, "ascending")])
+    values = ordered.column(column).to_pylist()
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield ordered.slice(start, i - start)
+            start = i
+
+
+def _patients_of_state(state: pa.Table, run_id: str, model_version: str) -> pa.Table:
+    """State rows -> patients rows in process: `latest_ok` per key, then `aggregate_patient`."""
+    latest = [latest_ok(g) for g in _groups(state, "key")]
     latest = pa.concat_tables(latest) if latest else STATE_SCHEMA.empty_table()
-    rows = [aggregate_patient(latest.filter(pc.equal(latest.column("patient_group"), g)), run_id, model_version)
-            for g in sorted(pc.unique(latest.column("patient_group")).to_pylist())]
+    rows = [aggregate_patient(g, run_id, model_version) for g in _groups(latest, "patient_group")]
     return pa.concat_tables(rows) if rows else PATIENTS.empty_table()
+
+
+def patients_of(predictions: pa.Table, run_id: str, model_version: str) -> pa.Table:
+    """The whole computation in memory, from prediction rows (small tables and tests)."""
+    return _patients_of_state(state_rows(predictions), run_id, model_version)
 
 
 def prediction_files(store: Store, prediction_uris: list[str]) -> list[str]:
@@ -145,26 +158,6 @@ def build_patients(store: Store, files: list[str], run_id: str, model_version: s
         .groupby("patient_group", num_partitions=parts).map_groups(
             aggregate_patient, batch_format="pyarrow", fn_kwargs={"run_id": run_id, "model_version": model_version})
     )
-
-
-def _groups(table: pa.Table, column: str):
-    """The rows of ``table`` sharing each value of ``column``, one slice per value (sorted)."""
-    ordered = table.sort_by([(column, "ascending")])
-    values = ordered.column(column).to_pylist()
-    start = 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            yield ordered.slice(start, i - start)
-            start = i
-
-
-def patients_in_process(store: Store, files: list[str], run_id: str, model_version: str) -> pa.Table:
-    """`build_patients` without Ray: the same per-file read and the same two group functions."""
-    state = pa.concat_tables([read_state_file(pa.table({"file": [f]}), store) for f in files])
-    latest = [latest_ok(g) for g in _groups(state, "key")]
-    latest = pa.concat_tables(latest) if latest else STATE_SCHEMA.empty_table()
-    rows = [aggregate_patient(g, run_id, model_version) for g in _groups(latest, "patient_group")]
-    return pa.concat_tables(rows) if rows else PATIENTS.empty_table()
 
 
 def choose_engine(store: Store, files: list[str], engine: str = "auto") -> str:
@@ -197,7 +190,8 @@ def write_patients(store: Store, output: str, prediction_uris: list[str], run_id
         store.write_parquet(PATIENTS.empty_table(), join(dest, "patients.parquet"))
         return dest
     if choose_engine(store, files, engine) == "local":
-        store.write_parquet(patients_in_process(store, files, run_id, model_version), join(dest, "patients.parquet"))
+        state = read_state_file(pa.table({"file": files}), store)  # the Ray plan's read, in one call
+        store.write_parquet(_patients_of_state(state, run_id, model_version), join(dest, "patients.parquet"))
         return dest
     ds = build_patients(store, files, run_id, model_version)
     fs, path = store.filesystem(dest)
