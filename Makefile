@@ -18,13 +18,16 @@ DEMO_OUT ?= demo-out
 demo: venv
 	$(BIN)/kneescreen demo --out $(DEMO_OUT)
 
-# Both print the 15 slowest tests. test-fast: no Ray (a test that starts Ray without the `ray`
-# marker fails), no slow tests.
+# Both print the 15 slowest tests and run TEST_WORKERS pytest-xdist workers (2: the CI machine's
+# cores; the units of work: tests/conftest.py, pytest_xdist_make_scheduler). test-fast: no Ray (a test that starts Ray
+# without the `ray` marker fails), no slow tests.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS)
 test: venv
-	$(BIN)/python -m pytest -q --durations=15
+	$(PYTEST)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow and not ray" --durations=15
+	$(PYTEST) -m "not slow and not ray"
 
 bench: venv
 	$(BIN)/python bench/synth_rate.py --n 1000 --size 384
