@@ -225,15 +225,21 @@ def tiny_bundle(tmp_path_factory):
     return str(out)
 
 
-# Tests that start a Ray cluster of their own (head nodes, a job killed with its cluster). Their
-# `own_cluster` markers say the same; the collection hook fails if the two ever differ, because the
-# scheduler below (which sees node ids only, never markers) places them by this list.
-OWN_CLUSTER = ("tests/test_job_submit.py::", "tests/test_multinode.py::", "tests/test_s3_end_to_end.py::",
-               "tests/test_train.py::test_killed_training_resumes_from_its_checkpoint")
+# Tests that start a Ray cluster of their own (head nodes, a job killed with its cluster), in the
+# two units of work `make test`'s two workers start with (`pytest_xdist_make_scheduler`), about as
+# long as each other (3-4 minutes on 2 cores). Their `own_cluster` markers say the same; the
+# collection hook fails if the two ever differ, because the scheduler sees node ids, not markers.
+OWN_CLUSTER = {
+    "tests/test_multinode.py::": "own_cluster-1",
+    "tests/test_job_submit.py::": "own_cluster-1",
+    "tests/test_train.py::test_killed_training_resumes_from_its_checkpoint": "own_cluster-2",
+    "tests/test_s3_end_to_end.py::": "own_cluster-2",
+}
 
 
-def _own_cluster(nodeid: str) -> bool:
-    return nodeid.startswith(OWN_CLUSTER)
+def _own_cluster(nodeid: str) -> str | None:
+    """The own-cluster unit of a test, None for a test on the shared instance."""
+    return next((unit for prefix, unit in OWN_CLUSTER.items() if nodeid.startswith(prefix)), None)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -241,8 +247,8 @@ def pytest_collection_modifyitems(config, items):
     tests skip (with the reason) where CUDA is absent.
 
     Order. In one process (plain `pytest`), `own_cluster` tests run last: the shared Ray starts
-    once and stops once. Under pytest-xdist (`make test`: ``-n 2``) they come first and ``slow``
-    modules next: see `pytest_xdist_make_scheduler`."""
+    once and stops once. Under pytest-xdist (`make test`: ``-n 2``) they come first, unit by
+    unit, and ``slow`` modules next: see `pytest_xdist_make_scheduler`."""
     import torch
 
     no_cuda = pytest.mark.skip(reason="needs a CUDA device (run on a GPU node: pytest -m gpu)")
@@ -254,23 +260,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(no_cuda)
-        if bool(item.get_closest_marker("own_cluster")) != _own_cluster(item.nodeid):
+        if bool(item.get_closest_marker("own_cluster")) != bool(_own_cluster(item.nodeid)):
             raise pytest.UsageError(f"{item.nodeid}: its own_cluster marker and conftest.OWN_CLUSTER disagree")
     if not hasattr(config, "workerinput"):  # not an xdist worker
-        items.sort(key=lambda item: _own_cluster(item.nodeid))  # stable
+        items.sort(key=lambda item: bool(_own_cluster(item.nodeid)))  # stable
         return
+    units = sorted(set(OWN_CLUSTER.values()))
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") and not _own_cluster(item.nodeid)}
-    items.sort(key=lambda item: (not _own_cluster(item.nodeid), item.module.__name__ not in slow))  # stable
+
+    def rank(item) -> tuple:
+        unit = _own_cluster(item.nodeid)
+        return (units.index(unit), 0) if unit else (len(units), item.module.__name__ not in slow)
+
+    items.sort(key=rank)  # stable
 
 
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs two xdist workers, each with its own shared Ray instance. Units of work:
-    every `own_cluster` test in one unit, run one after another by one worker (never two test
-    clusters at once), scheduled first because it is the longest (about 8 minutes on 2 cores)
-    while the other worker takes the rest; every other module is a unit of its own (module
+    the `own_cluster` tests in two units (`OWN_CLUSTER`), one per worker and scheduled first,
+    because they are the longest (together about 8 minutes of one worker on 2 cores): at most two
+    test clusters at once, one per worker; every other module is a unit of its own (module
     fixtures are built once), in collection order (``slow`` modules first, so that no long module
-    is left for the end). Own clusters share the machine with the other worker's instance: their
-    heads get free ports (`_free_port`), never Ray's fixed defaults.
+    is left for the end). Own clusters share the machine with each other and with the other
+    worker's instance: their heads get free ports (`_free_port`), never Ray's fixed defaults.
 
     A scheduler, not ``--dist loadgroup``: pytest-xdist 3.8 marks groups by rewriting
     ``item._nodeid``, which pytest 9.2 no longer reads, so its groups are silently ignored."""
@@ -278,7 +290,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class Units(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "own_cluster" if _own_cluster(nodeid) else nodeid.split("::", 1)[0]
+            return _own_cluster(nodeid) or nodeid.split("::", 1)[0]
 
     config.option.loadscopereorder = False  # keep the collection order above
     return Units(config, log)
