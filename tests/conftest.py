@@ -150,14 +150,15 @@ def _ray_up() -> bool:
 
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
-    """The session's one local Ray instance (``RAY_CPUS`` logical CPUs), shared by every module.
+    """The session's one local Ray instance (``RAY_CPUS`` logical CPUs), shared by every module
+    this process runs (one per xdist worker under `make test`).
 
     Started on first use and left running for the next module: one start per session, not one
     per module. Tests marked ``own_cluster`` (their own head nodes, or a job killed with its
-    cluster) shut it down first and run last (``pytest_runtest_setup``,
-    ``pytest_collection_modifyitems``): two clusters on one machine contend for the dashboard
-    agent's default ports and the second head's job agent never comes up. Module scope, not
-    session, so that a module after such a test starts it again here.
+    cluster) shut this process's instance down first (``pytest_runtest_setup``); their heads take
+    free ports, because a Ray holding the defaults (the other worker's) may run beside them: a
+    head whose dashboard agent cannot bind its port has no job API. Module scope, not session,
+    so that a module after such a test starts it again here.
 
     Started after the S3 server so its workers inherit the endpoint and test credentials, the
     way cluster workers get them from their own environment (instance profile, IRSA)."""
