@@ -19,8 +19,8 @@ demo: venv
 	$(BIN)/kneescreen demo --out $(DEMO_OUT)
 
 # Both print the 15 slowest tests and run TEST_WORKERS pytest-xdist workers (2: the CI machine's
-# cores; the units of work: tests/conftest.py, pytest_xdist_make_scheduler). test-fast: no Ray (a test that starts Ray
-# without the `ray` marker fails), no slow tests.
+# cores; 0: one process; the units of work: tests/conftest.py, pytest_xdist_make_scheduler).
+# test-fast: no Ray (a test that starts Ray without the `ray` marker fails), no slow tests.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS)
 test: venv

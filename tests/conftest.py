@@ -50,6 +50,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _side_port_flags(head: bool) -> list[str]:
+    """`ray start` flags giving a test node free ports for what Ray otherwise binds at fixed
+    defaults: the dashboard agent (52365) and, on a head, Ray Client (10001). Another Ray on the
+    machine (`make test`'s other worker) may hold the defaults, and a node whose agent cannot bind
+    has no job API."""
+    flags = [f"--dashboard-agent-listen-port={_free_port()}"]
+    return flags + [f"--ray-client-server-port={_free_port()}"] if head else flags
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server *process* on 127.0.0.1; yields its endpoint URL and sets the AWS env."""
@@ -155,10 +164,9 @@ def ray_local(s3_server):
 
     Started on first use and left running for the next module: one start per session, not one
     per module. Tests marked ``own_cluster`` (their own head nodes, or a job killed with its
-    cluster) shut this process's instance down first (``pytest_runtest_setup``); their heads take
-    free ports, because a Ray holding the defaults (the other worker's) may run beside them: a
-    head whose dashboard agent cannot bind its port has no job API. Module scope, not session,
-    so that a module after such a test starts it again here.
+    cluster) shut this process's instance down first (``pytest_runtest_setup``); the other
+    worker's instance may run beside them, so their nodes take free ports (`_side_port_flags`).
+    Module scope, not session, so that a module after such a test starts it again here.
 
     Started after the S3 server so its workers inherit the endpoint and test credentials, the
     way cluster workers get them from their own environment (instance profile, IRSA)."""
@@ -283,7 +291,7 @@ def pytest_xdist_make_scheduler(config, log):
     test clusters at once, one per worker; every other module is a unit of its own (module
     fixtures are built once), in collection order (``slow`` modules first, so that no long module
     is left for the end). Own clusters share the machine with each other and with the other
-    worker's instance: their heads get free ports (`_free_port`), never Ray's fixed defaults.
+    worker's instance: their nodes get free ports (`_side_port_flags`), never Ray's defaults.
 
     A scheduler, not ``--dist loadgroup``: pytest-xdist 3.8 marks groups by rewriting
     ``item._nodeid``, which pytest 9.2 no longer reads, so its groups are silently ignored."""

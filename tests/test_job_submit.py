@@ -13,7 +13,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import _free_port
+from conftest import _free_port, _side_port_flags
 
 from kneescreen.fileio.store import Store
 from kneescreen.screen.ledger import committed_runs
@@ -40,10 +40,8 @@ def _adapt(block: str, out: pathlib.Path, gcs: int, dash: int, temp_dir: str) ->
 
     - the venv is the one running these tests (a worktree need not have its own .venv);
     - outputs go to the test's folder, not the checkout;
-    - the head gets free ports and a short temp dir (Unix socket paths are limited to 107 bytes):
-      Ray's fixed defaults (GCS 6379, dashboard 8265, its agent's 52365, Ray Client 10001) may be
-      held by another Ray on the machine (``make test`` runs the other tests beside this one, each
-      worker with a Ray of its own), and a head whose agent cannot bind has no job API;
+    - the head gets free ports, never Ray's defaults (`conftest._side_port_flags`), and a short
+      temp dir (Unix socket paths are limited to 107 bytes);
     - ``ray stop`` is left out: it stops every Ray process on the machine, not only this head
       (the fixture stops its own process group instead).
     """
@@ -51,7 +49,7 @@ def _adapt(block: str, out: pathlib.Path, gcs: int, dash: int, temp_dir: str) ->
         ("source .venv/bin/activate", f"source {sys.prefix}/bin/activate"),
         ("OUT=$PWD/local-run ", f"OUT={out} "),
         ("ray start --head ", f"ray start --head --port={gcs} --dashboard-port={dash} --temp-dir={temp_dir} "
-                              f"--dashboard-agent-listen-port={_free_port()} --ray-client-server-port={_free_port()} "),
+                              + " ".join(_side_port_flags(head=True)) + " "),
         ("\nray stop\n", "\n"),
     ]
     for old, new in subs:

@@ -16,7 +16,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import _free_port
+from conftest import _free_port, _side_port_flags
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_cluster]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,16 +44,14 @@ def test_work_lands_on_both_nodes(train_archive, tmp_path):
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     procs = [subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                               f"--dashboard-agent-listen-port={_free_port()}",
-                               f"--ray-client-server-port={_free_port()}",  # not Ray's defaults: see conftest
-                               "--num-cpus=3", "--include-dashboard=true", "--disable-usage-stats",
-                               f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL,
+                               *_side_port_flags(head=True), "--num-cpus=3", "--include-dashboard=true",
+                               "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         _wait_for_port(gcs)
         procs.append(subprocess.Popen([RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=3",
-                                       f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
+                                       *_side_port_flags(head=False), "--disable-usage-stats"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         # The driver waits until both nodes are alive (multinode_driver.MIN_NODES).
         run = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_driver.py"), str(root), str(tmp_path / "w")],
                              env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, capture_output=True, text=True,
