@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         size = get_spec(name).input_size
         images, labels = rng.integers(0, 255, (args.n, size, size), dtype=np.uint8), rng.integers(0, 3, args.n)
         data = TrainingData.from_arrays({f"img_{size}": images}, labels)
-        val = TrainingData.from_arrays({f"img_{size}": images[:8]}, labels[:8])
+        val = data.where(np.arange(args.n) < 8)  # fits select rows of one decoded dataset
         for workers, threads in ((1, 2), (2, 1)):
             cfg = TrainConfig(data="", out=work, members=(f"{name}:gray",), weights="none", image_size=0,
                               epochs=args.epochs, batch_size=16, num_workers=workers, cpus_per_worker=threads,

@@ -88,9 +88,14 @@ def test_default_recipe_offers_a_two_worker_fine_tuned_candidate(ray_local, trai
     assert {*(f"member:{mm.name}" for mm in m.members), f"image_ensemble:{m.fusion.method}", "covariates_only",
             f"fused:{m.fusion.method}", "deployed"} <= names
     assert set(out["test"]["image_value"]["paired"]) >= {f"fused:{m.fusion.method}", "deployed"}
-    # Checkpoints of the deployable run and of each out-of-fold run went to the storage path.
-    for run in ("t2w-test_cnn-gray", "t2w-oof0-test_cnn-gray", "t2w-oof2-test_cnn-gray"):
-        assert list((tmp_path / "runs" / run).glob("checkpoint_*")), run
+    # One Ray Train run for the member: its checkpoints and every fit's weights (the deployable
+    # model, then one per fold) under the storage path, nothing per fold beside it.
+    run_dir = tmp_path / "runs" / "t2w-test_cnn-gray"
+    assert list(run_dir.glob("checkpoint_*"))
+    assert sorted(p.name for p in (run_dir / "fits").iterdir()) == ["final.pt", "oof0.pt", "oof1.pt", "oof2.pt"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("t2w-")) == ["t2w-test_cnn-gray"]
+    for fold in range(3):
+        assert f"test_cnn-gray oof{fold}: epoch 2/2 loss" in pathlib.Path(log_path).read_text()
     # The split written beside the bundle has no leaks.
     audit = json.loads((tmp_path / "bundle" / "split" / "audit.json").read_text())
     assert audit["summary"]["leaks"] == 0

@@ -84,3 +84,19 @@ def test_gpu_asked_for_on_a_cluster_without_one(ray_local):
     with pytest.raises(KneescreenError, match="leave --use-gpu out"):
         check_cluster(TrainConfig(data="d", out="o", use_gpu=True))
     check_cluster(TrainConfig(data="d", out="o"))
+
+
+def test_a_checkpoint_of_other_fits_is_refused_not_resumed():
+    """A fine-tuned member's run resumes by name; under a reused name with other rows (another
+    split, or another outer CV fold) its checkpoint would hand back models that saw this run's
+    held-out rows. It is refused with what to do; the same fits resume where they were."""
+    from kneescreen.train.loop import resumable
+
+    config = {"member": "m", "run_dir": "/runs/x-m", "fits": [{"name": "final", "rows": "aa"},
+                                                              {"name": "oof0", "rows": "bb"}]}
+    same = {"fits": ["final:aa", "oof0:bb"], "fit": 1, "epoch": 3}
+    assert resumable(same, config)["fit"] == 1
+    for other in (["final:aa", "oof0:cc"], ["final:aa"], ["final:aa", "oof0:bb", "oof1:dd"]):
+        with pytest.raises(ValueError, match="another --name"):
+            resumable({**same, "fits": other}, config)
+    assert resumable({"epoch": 3}, config)["fit"] == 0  # a checkpoint from before fits shared a run

@@ -38,7 +38,10 @@ def _outer_fold(f: int, data: TrainingData, cfg: TrainConfig, store: Store, oof:
     Returns:
         The candidate the recipe deployed for this fold.
     """
-    manifest, states, _ = fit_bundle(data, data["fold"] != f, cfg, store, cache)
+    # A run name of its own per outer fold: fine-tuning runs resume by name, and a fold must never
+    # resume (reuse) the models another fold trained on its test rows.
+    fold_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-outer{f}")
+    manifest, states, _ = fit_bundle(data, data["fold"] != f, fold_cfg, store, cache)
     bundle = Bundle.from_states(dataclasses.replace(manifest, version=f"cv-fold{f}"), states)
     test = with_logits(bundle, data.where(data["fold"] == f))
     for name, (probs, pred) in predictor_outputs(bundle, test).items():

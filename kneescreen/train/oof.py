@@ -7,9 +7,9 @@ image is predicted once by a model that never saw it:
 - frozen members: features are computed once (Ray Data tasks, kept in the object store; once per
   image for all outer folds of cross-validation too, `FeatureCache`); only the shrinkage head is
   refit per fold (L-BFGS, in one Ray task given a node's free CPUs and a GPU when there is one);
-- fine-tuned members: one Ray Train run per fold (trained on k-2 folds, early stopping on the
-  next fold; so at least 3 folds) — k times the cost of one run, which is why the default member
-  is frozen;
+- fine-tuned members: one model per fold (trained on k-2 folds, early stopping on the next
+  fold; so at least 3 folds), all of them and the deployable model trained one after another in
+  one Ray Train run per member — k+1 trainings, which is why the default member is frozen;
 - the age/sex model: refit per fold.
 
 The final models are then fit on all of it (frozen heads, the age/sex model) or trained as before
@@ -34,7 +34,7 @@ from kneescreen.model.manifest import BundleManifest, Threshold, Thresholds
 from kneescreen.model.registry import create_model, normalisation
 from kneescreen.train.config import MemberSpec, TrainConfig
 from kneescreen.train.data import TrainingData, bundle_logits, collect, map_model
-from kneescreen.train.trainer import train_member
+from kneescreen.train.trainer import FINAL, Fit, train_fits
 
 _logger = logging.getLogger(__name__)
 MIN_COVARIATE_ROWS = 10
@@ -123,18 +123,20 @@ def _logits_of(member: MemberSpec, state: dict, rows: TrainingData) -> np.ndarra
 
 def _finetuned(member: MemberSpec, dev: TrainingData, folds: np.ndarray, cfg: TrainConfig, store: Store,
                final: tuple[TrainingData, TrainingData]) -> tuple[np.ndarray, dict, dict]:
-    """(out-of-fold logits, final state dict, history) of a fine-tuned member."""
-    # The deployable run first: its name is the run's own, so an interrupted training resumes the
-    # model users get before spending time on the out-of-fold runs.
-    state, history = train_member(member, final[0], final[1], cfg, f"{cfg.name}-{member.name}", store)
+    """(out-of-fold logits, final state dict, history) of a fine-tuned member: every fit in one
+    Ray Train run named after the member (`train.trainer.train_fits`)."""
+    # The deployable fit first: an interrupted training resumes the model users get before
+    # spending time on the out-of-fold fits.
     ids = np.unique(folds)
-    logits = np.zeros((len(dev["label"]), len(CLASSES)))
+    fits = [Fit(FINAL, *final)]
     for i, f in enumerate(ids):
         val_f = ids[(i + 1) % len(ids)]
-        fit = (folds != f) & (folds != val_f)
-        fold_state, _ = train_member(member, dev.where(fit), dev.where(folds == val_f), cfg,
-                                     f"{cfg.name}-oof{f}-{member.name}", store)
+        fits.append(Fit(f"oof{f}", dev.where((folds != f) & (folds != val_f)), dev.where(folds == val_f)))
+    trained = train_fits(member, fits, cfg, f"{cfg.name}-{member.name}", store)
+    logits = np.zeros((len(dev["label"]), len(CLASSES)))
+    for f, (fold_state, _) in zip(ids, trained[1:]):
         logits[folds == f] = _logits_of(member, fold_state, dev.where(folds == f))
+    state, history = trained[0]
     return logits, state, {"history": history}
 
 

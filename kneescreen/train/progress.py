@@ -21,6 +21,7 @@ from ray.train import UserCallback
 
 _logger = logging.getLogger(__name__)
 POLL_S = 0.5
+FINAL = "final"  # the deployable fit's name (`train.trainer.Fit`): its lines carry the member's name alone
 
 
 @ray.remote(num_cpus=0)
@@ -54,8 +55,9 @@ class EpochProgress:
     ``with EpochProgress(member, epochs) as progress:``; each report becomes a log record.
 
     Args:
-        member: the member's name (the progress line's label).
-        epochs: the run's epoch budget.
+        member: the member's name (the progress line's label, with the fit's name after it for
+            every fit but the deployable one: ``resnet18-gray oof1``).
+        epochs: each fit's epoch budget.
     """
 
     def __init__(self, member: str, epochs: int):
@@ -89,13 +91,16 @@ class EpochProgress:
     def _deliver(self, reports: list[dict]) -> None:
         for m in reports:
             self.reports.append(m)
+            fit = m.get("fit", FINAL)
+            who = self.member if fit == FINAL else f"{self.member} {fit}"
             if m.get("start_epoch") and m["epoch"] == m["start_epoch"] + 1:
-                _logger.info("%s: resumed from checkpoint after epoch %d", self.member, m["start_epoch"])
+                _logger.info("%s: resumed from checkpoint after epoch %d", who, m["start_epoch"])
             rate = m.get("train_images_per_s", 0.0)
-            _logger.info("%s: epoch %d/%d loss %.3f val macro-F1 %.3f (best %.3f) %.1f images/s", self.member,
+            of = f", fit {m['fit_number']} of {m['fits']}" if m.get("fits", 1) > 1 else ""
+            _logger.info("%s: epoch %d/%d loss %.3f val macro-F1 %.3f (best %.3f) %.1f images/s", who,
                          m["epoch"], self.epochs, m["train_loss"], m["val_macro_f1"], m["best_val_macro_f1"], rate,
                          extra={"progress_done": m["epoch"], "progress_total": self.epochs, "progress_unit": "epochs",
-                                "progress_label": f"training {self.member}", "progress_note": f"{rate:,.1f} images/s"})
+                                "progress_label": f"training {who}", "progress_note": f"{rate:,.1f} images/s{of}"})
             if m.get("early_stop"):
-                _logger.info("%s: early stop after epoch %d: no val macro-F1 gain in %d epochs", self.member,
+                _logger.info("%s: early stop after epoch %d: no val macro-F1 gain in %d epochs", who,
                              m["epoch"], m["bad_epochs"])
