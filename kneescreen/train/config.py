@@ -14,8 +14,9 @@ from kneescreen.model.registry import get_spec, list_models
 
 
 # The recipe's defaults (train.recipe). Below FINETUNE_MIN_FILMS development films frozen heads
-# win out of fold (docs/results.md) and a fine-tuned candidate costs one Ray Train run per fold
-# for nothing; from there on the recipe trains it and lets the out-of-fold rule decide.
+# win out of fold (docs/results.md) and a fine-tuned candidate costs k+1 trainings (one per fold
+# and the deployable one, in one Ray Train run) for nothing; from there on the recipe trains it and
+# lets the out-of-fold rule decide.
 DEFAULT_MEMBERS = ("efficientnet_lite0:gray:frozen",)
 FINETUNE_MEMBERS = ("efficientnet_lite0:gray:finetune",)
 FINETUNE_MIN_FILMS = 10_000
