@@ -124,5 +124,8 @@ def test_killed_training_resumes_from_its_checkpoint(train_archive, tmp_path):
     # Worker lines go to the run's log file (the console stays quiet without --verbose).
     log = "".join(f.read_text() for f in (tmp_path / "bundle" / "logs").glob("*.log"))
     assert "resumed from checkpoint after epoch" in log
-    epochs = [h["epoch"] for h in load_bundle(str(tmp_path / "bundle")).manifest.history["test_cnn-gray"]]
-    assert epochs[-1] == 6 and epochs[0] > 1  # the rerun did not start again from epoch 1
+    history = load_bundle(str(tmp_path / "bundle")).manifest.history["test_cnn-gray"]
+    # Every epoch once, those of the killed attempt included (carried in the checkpoint), and the
+    # rerun went on from a checkpoint instead of starting again from epoch 1.
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert history[0]["start_epoch"] == 0 and history[-1]["start_epoch"] > 0

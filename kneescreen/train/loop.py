@@ -5,8 +5,9 @@ out-of-fold split), each from a fresh model on its own rows, so the worker group
 group and the dataset plumbing start once per member, not once per fit. Within a fit every worker
 trains on its shard of the fit's training rows and scores all of its validation rows; the
 all-reduced macro-F1 decides early stopping, so all ranks stop on the same epoch. Rank 0 writes a
-checkpoint every epoch (the fit it is in, model, optimiser, schedule, early-stopping state) and,
-when a fit ends, that fit's best weights to ``<run>/fits/<fit>.pt``; a rerun with the same run
+checkpoint every epoch (the fit it is in, model, optimiser, schedule, early-stopping state, the
+fit's epoch metrics so far) and, when a fit ends, that fit's best weights and whole history to
+``<run>/fits/<fit>.pt``; a rerun with the same run
 name resumes from the latest checkpoint (Train V2): finished fits are not trained again.
 Progress is the reported metrics (``fit``, ``start_epoch``, ``early_stop`` included), nothing
 printed: `train.progress` carries them to the driver's log.
@@ -31,7 +32,7 @@ from kneescreen.metrics import macro_f1
 from kneescreen.model.forward import instance_logits
 from kneescreen.model.registry import create_model
 
-_STATE_KEYS = ("epoch", "best_f1", "best_state", "bad_epochs")
+_STATE_KEYS = ("epoch", "best_f1", "best_state", "bad_epochs", "history")
 
 
 def fit_uri(run_dir: str, fit: str) -> str:
@@ -85,12 +86,13 @@ def _setup(config: dict, fit: dict, device: torch.device, saved: dict | None):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config["epochs"])
     counts = np.asarray(fit["class_counts"], float)
     class_w = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    state = {"epoch": 0, "best_f1": -1.0, "best_state": None, "bad_epochs": 0}
+    state = {"epoch": 0, "best_f1": -1.0, "best_state": None, "bad_epochs": 0, "history": []}
     if saved:
         (model.module if hasattr(model, "module") else model).load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
-        state = {k: saved[k] for k in _STATE_KEYS}
+        # Checkpoints from before the history was carried start it at the resumed epoch.
+        state = {k: saved.get(k, state[k]) for k in _STATE_KEYS}
     return model, opt, sched, torch.nn.CrossEntropyLoss(weight=class_w), state
 
 
@@ -181,15 +183,18 @@ def _train_fit(config: dict, index: int, saved: dict | None, rank: int, world: i
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        metrics = {"fit": fit["name"], "fit_number": index + 1, "fits": len(config["fits"]), "epoch": epoch + 1, "train_loss": loss_total / max(seen_total, 1),
+        metrics = {"fit": fit["name"], "fit_number": index + 1, "fits": len(config["fits"]), "epoch": epoch + 1,
+                   "train_loss": loss_total / max(seen_total, 1),
                    "val_macro_f1": f1, "best_val_macro_f1": state["best_f1"],
                    "train_images_per_s": seen_total / max(train_s, 1e-9), "lr": sched.get_last_lr()[0],
                    "start_epoch": start_epoch, "bad_epochs": state["bad_epochs"],
                    "early_stop": state["bad_epochs"] >= config["patience"]}
+        state["history"] = [*state["history"], metrics]  # a resumed fit's history keeps its earlier epochs
         _report(model, opt, sched, state, metrics, position, rank)
     if rank == 0:
         buf = io.BytesIO()
-        torch.save({"best_state": state["best_state"], "epochs": state["epoch"], "best_f1": state["best_f1"]}, buf)
+        torch.save({"best_state": state["best_state"], "epochs": state["epoch"], "best_f1": state["best_f1"],
+                    "history": state["history"]}, buf)
         config["store"].write_bytes(fit_uri(config["run_dir"], fit["name"]), buf.getvalue())
 
 

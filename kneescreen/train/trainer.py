@@ -102,22 +102,25 @@ def train_fits(member: MemberSpec, fits: list[Fit], cfg: TrainConfig, run_name: 
                ) -> list[tuple[dict, list[dict]]]:
     """Fine-tune ``fits`` of one member in one Ray Train run named ``run_name``; every reported
     epoch is logged as it arrives (`train.progress`). Returns (best state dict, that fit's epoch
-    reports of this run) per fit, in order."""
+    metrics) per fit, in order: every epoch of the fit, those of an interrupted attempt that
+    this run resumed included."""
     if len({f.name for f in fits}) != len(fits):
         raise ValueError(f"{member.name}: fit names repeat: {[f.name for f in fits]}")
     with EpochProgress(member.name, cfg.epochs) as progress:
         result = _trainer(member, fits, cfg, run_name, store, [progress.callback]).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{member.name}: training produced no checkpoint")
-    # Every epoch reported in this run, as the driver received them (`result.metrics_dataframe`
-    # holds only the kept checkpoints' reports).
+    # The fit files carry each fit's whole history (`train.loop`); the reports this driver received
+    # stand in for files written before they did (`result.metrics_dataframe` holds only the kept
+    # checkpoints' reports).
     reports = progress.reports
     run_dir = join(cfg.checkpoints(), run_name)
     out = []
     for fit in fits:
         saved = torch.load(io.BytesIO(store.read_bytes(fit_uri(run_dir, fit.name))), map_location="cpu",
                            weights_only=True)
-        out.append((saved["best_state"], [r for r in reports if r.get("fit") == fit.name]))
+        history = saved.get("history") or [r for r in reports if r.get("fit") == fit.name]
+        out.append((saved["best_state"], history))
     return out
 
 
