@@ -189,7 +189,7 @@ def _train_fit(config: dict, index: int, saved: dict | None, rank: int, world: i
                    "train_images_per_s": seen_total / max(train_s, 1e-9), "lr": sched.get_last_lr()[0],
                    "start_epoch": start_epoch, "bad_epochs": state["bad_epochs"],
                    "early_stop": state["bad_epochs"] >= config["patience"]}
-        state["history"] = [*state["history"], metrics]  # a resumed fit's history keeps its earlier epochs
+        state["history"].append(metrics)  # checkpointed: a resumed fit's history keeps its earlier epochs
         _report(model, opt, sched, state, metrics, position, rank)
     if rank == 0:
         buf = io.BytesIO()

@@ -62,7 +62,6 @@ class EpochProgress:
 
     def __init__(self, member: str, epochs: int):
         self.member, self.epochs = member, epochs
-        self.reports: list[dict] = []  # what arrived, in order (the run's history as it went)
         self._stop = threading.Event()
 
     def __enter__(self) -> EpochProgress:
@@ -90,7 +89,6 @@ class EpochProgress:
 
     def _deliver(self, reports: list[dict]) -> None:
         for m in reports:
-            self.reports.append(m)
             fit = m.get("fit", FINAL)
             who = self.member if fit == FINAL else f"{self.member} {fit}"
             if m.get("start_epoch") and m["epoch"] == m["start_epoch"] + 1:

@@ -110,17 +110,14 @@ def train_fits(member: MemberSpec, fits: list[Fit], cfg: TrainConfig, run_name: 
         result = _trainer(member, fits, cfg, run_name, store, [progress.callback]).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{member.name}: training produced no checkpoint")
-    # The fit files carry each fit's whole history (`train.loop`); the reports this driver received
-    # stand in for files written before they did (`result.metrics_dataframe` holds only the kept
-    # checkpoints' reports).
-    reports = progress.reports
+    # Each fit's file holds its weights and whole history (`train.loop`), epochs of an attempt this
+    # run resumed included; `result.metrics_dataframe` would hold only the kept checkpoints' reports.
     run_dir = join(cfg.checkpoints(), run_name)
     out = []
     for fit in fits:
         saved = torch.load(io.BytesIO(store.read_bytes(fit_uri(run_dir, fit.name))), map_location="cpu",
                            weights_only=True)
-        history = saved.get("history") or [r for r in reports if r.get("fit") == fit.name]
-        out.append((saved["best_state"], history))
+        out.append((saved["best_state"], saved.get("history", [])))  # [] in files from before 59fcdae
     return out
 
 
